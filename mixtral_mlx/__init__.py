@@ -1,0 +1,13 @@
+"""mixtral-mlx: train, fine-tune, run and look inside sparse MoE language models with MLX."""
+
+from . import blas as _blas
+
+_blas.preload()  # must run before the first `import mlx`; see blas.py
+
+from .config import ModelArgs, load_preset  # noqa: E402
+from .errors import UserError  # noqa: E402
+from .model import Model  # noqa: E402
+from .checkpoint import load, save  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["ModelArgs", "Model", "UserError", "load", "load_preset", "save", "__version__"]

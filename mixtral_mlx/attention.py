@@ -1,0 +1,63 @@
+"""Grouped-query self-attention with RoPE and causal / sliding-window masks."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import ModelArgs
+
+
+def attention_mask(q_len: int, n_keys: int, offset: int, window: int | None):
+    """The mask for `q_len` queries at positions offset.. over `n_keys` keys.
+
+    The keys are taken to cover the contiguous positions ending at the last query
+    (what the caches return). A query at position i sees key j when j <= i and, with a
+    sliding window W, i - j < W (the last W positions, itself included), as in
+    transformers' Mixtral. Returns None (no mask needed), "causal" (the fused kernel's
+    own bottom-right-aligned causal mask) or a boolean array (True = attend).
+    """
+    if window is None or n_keys <= window:
+        return None if q_len == 1 else "causal"
+    q_pos = mx.arange(offset, offset + q_len)[:, None]
+    k_pos = mx.arange(offset + q_len - n_keys, offset + q_len)[None, :]
+    return (k_pos <= q_pos) & (q_pos - k_pos < window)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.num_key_value_heads
+        self.head_dim = args.head_dim
+        self.window = args.sliding_window
+        self.rope_theta = args.rope_theta
+        self.scale = self.head_dim**-0.5
+        h, d = args.hidden_size, self.head_dim
+        self.q_proj = nn.Linear(h, self.n_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, self.n_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(h, self.n_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * d, h, bias=False)
+
+    def rope(self, x: mx.array, offset: int) -> mx.array:
+        # traditional=False: rotate the two halves of each head, as transformers does.
+        return mx.fast.rope(x, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=offset)
+
+    def qkv(self, x: mx.array, cache=None) -> tuple[mx.array, mx.array, mx.array, int]:
+        """Projected, rotated queries and the keys/values to attend to (cache updated)."""
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0
+        q, k = self.rope(q, offset), self.rope(k, offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        return q, k, v, offset
+
+    def __call__(self, x: mx.array, cache=None) -> mx.array:
+        B, L, _ = x.shape
+        q, k, v, offset = self.qkv(x, cache)
+        mask = attention_mask(L, k.shape[2], offset, self.window)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))

@@ -1,0 +1,62 @@
+"""Use the system's OpenBLAS for MLX's CPU matmuls on Linux.
+
+MLX's Linux CPU wheel links a bundled *reference* BLAS, which is ~37x slower than
+OpenBLAS for float32 matmuls on a 2-core x86 machine (4 vs ~160 GFLOP/s). Loading
+OpenBLAS with RTLD_GLOBAL *before* MLX is imported makes the dynamic linker resolve
+MLX's `cblas_*` calls to it, the same effect as `LD_PRELOAD` without restarting.
+
+Switch it off with `MIXTRAL_MLX_OPENBLAS=0`, or point it at another library with
+`MIXTRAL_MLX_OPENBLAS=/path/to/libopenblas.so`. Nothing happens on macOS (MLX uses
+Accelerate there) or when no OpenBLAS is installed (Debian: `libopenblas0-pthread`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+ENV_VAR = "MIXTRAL_MLX_OPENBLAS"
+CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib64/libopenblas.so.0",
+    "/usr/lib/libopenblas.so.0",
+)
+
+# What `mixtral-mlx info` reports: set once, by preload().
+status = "not attempted"
+
+
+def _already_preloaded() -> str | None:
+    for lib in os.environ.get("LD_PRELOAD", "").split(":"):
+        if "openblas" in lib:
+            return lib
+    return None
+
+
+def preload() -> str:
+    """Load OpenBLAS globally if possible; return a one-line description of the BLAS in use."""
+    global status
+    setting = os.environ.get(ENV_VAR, "auto").strip()
+    if sys.platform != "linux":
+        status = "platform default (Accelerate on macOS)"
+    elif setting.lower() in ("0", "off", "false", "no"):
+        status = f"MLX's bundled reference BLAS ({ENV_VAR}={setting})"
+    elif (lib := _already_preloaded()) is not None:
+        status = f"OpenBLAS via LD_PRELOAD ({lib})"
+    elif "mlx.core" in sys.modules:
+        status = "MLX's bundled reference BLAS (mlx was imported before mixtral_mlx)"
+    else:
+        paths = CANDIDATES if setting.lower() in ("auto", "1", "on", "") else (setting,)
+        status = "MLX's bundled reference BLAS (no OpenBLAS found; apt install libopenblas0-pthread)"
+        for path in paths:
+            if os.path.exists(path):
+                try:
+                    ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                except OSError as e:  # a broken library must not stop the program
+                    status = f"MLX's bundled reference BLAS (loading {path} failed: {e})"
+                    continue
+                status = f"OpenBLAS ({path})"
+                break
+    return status
