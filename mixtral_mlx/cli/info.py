@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
           f"{a.num_local_experts} experts top-{a.num_experts_per_tok}, intermediate {a.intermediate_size}, "
           f"vocab {a.vocab_size}{window}")
     counts = count_parameters(a)
-    print(f"\n{'parameters':<14}{'total':>12}{'active/token':>14}")
+    print(f"\n{'parameters':<14}{'total':>18}{'active/token':>18}")
     for component, total, active in counts.rows():
         print(f"{component:<14}{total:>18,}{active:>18,}")
     seq = args.seq_len or min(2048, a.max_position_embeddings)
