@@ -174,8 +174,10 @@ class Trainer:
             (_, parts), grads = value_and_grad(batch, n_tokens, n_micro)
             return parts, grads
 
-        # The model's parameters and the random state are read inside: capture them.
-        return mx.compile(grad_step, inputs=[model.state, mx.random.state], outputs=[mx.random.state])
+        # The model's parameters and the random state are read inside: capture them. The
+        # model is an output too: value_and_grad swaps its parameters while tracing.
+        state = [model.state, mx.random.state]
+        return mx.compile(grad_step, inputs=state, outputs=state)
 
     def _compile_update(self):
         optimizer, clip = self.optimizer, self.cfg.grad_clip
@@ -193,6 +195,9 @@ class Trainer:
         if n_tokens == 0:
             raise UserError("a batch has no tokens to learn from (all masked)", field="data")
         k = len(micro_batches)
+        # Randomness inside the step (router jitter, dropout) comes from a key derived from
+        # (seed, step), so a resumed run draws exactly what the uninterrupted run drew.
+        mx.random.seed(self.cfg.seed * 1_000_003 + self.step)
         n, n_micro = mx.array(n_tokens, dtype=mx.float32), mx.array(k, dtype=mx.float32)
         grads, ce, aux, z, counts = None, 0.0, 0.0, 0.0, 0
         for batch in micro_batches:
@@ -311,9 +316,7 @@ def fit(trainer: Trainer, task: Task, run_dir: Path, resume_from: Path | None = 
                 "data": task.train_batches.state(), **task.extra_state}
         with ckpt.atomic_directory(directory) as tmp:
             task.save_weights(tmp)
-            arrays = {f"optimizer.{k}": v for k, v in trainer.optimizer_arrays().items()}
-            arrays["rng"] = mx.random.state[0]
-            mx.save_safetensors(str(tmp / ckpt.OPTIMIZER_FILE), arrays)
+            mx.save_safetensors(str(tmp / ckpt.OPTIMIZER_FILE), trainer.optimizer_arrays())
             if trainer.compute_dtype != mx.float32:
                 mx.save_safetensors(str(tmp / ckpt.MASTER_FILE), trainer.master_arrays())
             (tmp / ckpt.STATE_FILE).write_text(json.dumps(full, indent=1))
@@ -380,14 +383,12 @@ def fit(trainer: Trainer, task: Task, run_dir: Path, resume_from: Path | None = 
 
 
 def restore(trainer: Trainer, task: Task, directory: Path) -> dict:
-    """Load weights, optimizer, RNG and data position from a checkpoint; returns its state dict."""
+    """Load weights, optimizer state and data position from a checkpoint; returns its state dict."""
     from . import checkpoint as ckpt
 
     state = ckpt.read_trainer_state(directory)
     task.load_weights(directory)
-    arrays = mx.load(str(directory / ckpt.OPTIMIZER_FILE))
-    mx.random.state[0] = arrays.pop("rng")
-    trainer.load_optimizer_arrays({k[len("optimizer."):]: v for k, v in arrays.items()})
+    trainer.load_optimizer_arrays(mx.load(str(directory / ckpt.OPTIMIZER_FILE)))
     if (directory / ckpt.MASTER_FILE).exists():
         trainer.load_master_arrays(mx.load(str(directory / ckpt.MASTER_FILE)))
     else:  # float32 runs: the saved weights are the master weights
