@@ -129,6 +129,10 @@ def first_process_first(group):
         barrier()
 
 
+class _NoTokenizer:
+    bos_id, eos_id, pad_id = None, None, None
+
+
 @dataclasses.dataclass
 class Prepared:
     """A run directory with its settings, tokenizer and tokenized splits, ready to train."""
@@ -188,6 +192,8 @@ def pretrain(cfg: TrainConfig, resume: str | bool | None = None, overwrite: bool
             raise UserError("a data-parallel run needs an output directory all processes agree on", field="--out")
         if rank != 0:
             log = lambda *_: None  # noqa: E731  (process 0 speaks for the run)
+    if not resume:  # catch an impossible --seq-len before anything is written
+        model_args_for(cfg, load_preset(cfg.preset).vocab_size, _NoTokenizer())
     with first_process_first(group):
         run = prepare(cfg, resume, overwrite, rank, log)
     cfg, splits, tokenizer = run.cfg, run.splits, run.tokenizer
