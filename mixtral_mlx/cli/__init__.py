@@ -13,9 +13,9 @@ import sys
 
 from .. import blas as _blas  # noqa: F401  (imports the package, which preloads OpenBLAS before mlx)
 from ..errors import UserError
-from . import info
+from . import data, info, tokenizer
 
-COMMANDS = [info]
+COMMANDS = [info, data, tokenizer]
 
 
 class Parser(argparse.ArgumentParser):
