@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import os
 import tempfile
@@ -304,7 +305,9 @@ def _tokenize_documents(docs: Sequence[str], tokenizer: Tokenizer, desc: str,
 
 
 def _encode_chunk(docs: list[str], tokenizer: Tokenizer, dtype) -> list[np.ndarray]:
-    return [np.asarray(ids, dtype) for ids in tokenizer.encode_batch(docs, bos=True, eos=True)]
+    encoded = tokenizer.encode_batch(docs, bos=True, eos=True)
+    count = sum(map(len, encoded))
+    return [np.fromiter(itertools.chain.from_iterable(encoded), dtype, count=count)]
 
 
 def _save_atomic(path: Path, write: Callable) -> None:
