@@ -318,7 +318,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path |
 
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
         raise UserError(f"must be a positive integer, got {vocab_size!r}", field="--vocab-size")
-    symbols = ["\n", *_HEADERS.values()]
+    # SentencePiece matches user-defined symbols after turning spaces into "▁".
+    symbols = ["\n", *(h.replace(" ", "\u2581") for h in _HEADERS.values())]
     minimum = 4 + len(symbols) + 256  # the specials, the symbols and the byte pieces
     if vocab_size <= minimum:
         raise UserError(f"{vocab_size} leaves no room for learned pieces: the special tokens, chat headers "

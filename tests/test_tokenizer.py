@@ -46,7 +46,8 @@ def test_special_ids_agree_with_the_model_config(sp):
     assert (sp.sp.unk_id(), sp.bos_id, sp.eos_id, sp.pad_id) == (UNK_ID, BOS_ID, EOS_ID, PAD_ID) == (0, 1, 2, 3)
     assert (sp.bos_id, sp.eos_id) == (args.bos_token_id, args.eos_token_id)
     assert sp.pieces([0, 1, 2, 3, 4, 5, 6, 7]) == ["<unk>", "<s>", "</s>", "<pad>", "\n",
-                                                   "### System:", "### User:", "### Assistant:"]
+                                                   "###▁System:", "###▁User:", "###▁Assistant:"]
+    assert sp.encode("### User: the cat\n### Assistant:")[:1] == [6] and sp.encode("\n### Assistant:") == [4, 7]
     check_tokenizer(sp, args)  # 320 <= 512 and the ids agree
 
 
