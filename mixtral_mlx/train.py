@@ -334,26 +334,6 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-class RankShard:
-    """This process's rows of every global batch: rank r of w takes rows r, r+w, r+2w, ...
-
-    Strided rows, so a global batch of b*w rows built by one process is split exactly as
-    one process training on all of it would see it. The data position is the global one.
-    """
-
-    def __init__(self, batches, rank: int, world: int):
-        self.batches, self.rank, self.world = batches, rank, world
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        return {k: v[self.rank :: self.world] for k, v in next(self.batches).items()}
-
-    def state(self) -> dict:
-        return self.batches.state()
-
-    def load_state(self, state: dict) -> None:
-        self.batches.load_state(state)
-
-
 class Interrupted(KeyboardInterrupt):
     """Raised after the checkpoint is saved; the CLI exits 130."""
 
