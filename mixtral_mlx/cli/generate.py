@@ -281,8 +281,10 @@ def run_chat(args: argparse.Namespace) -> int:
         text, stops = chat_prompt(tokenizer, history)
         reply, stats = [], None
         try:
-            for chunk in stream_generate(model, tokenizer, text, cache=cache, progress=_PrefillBar(),
-                                         **dict(settings, stop=tuple(settings["stop"]) + tuple(stops))):
+            turn = dict(settings, stop=tuple(settings["stop"]) + tuple(stops))
+            if args.seed is not None:  # reproducible, yet not the same random draws every turn
+                turn["seed"] = args.seed + len(history)
+            for chunk in stream_generate(model, tokenizer, text, cache=cache, progress=_PrefillBar(), **turn):
                 reply.append(chunk.text)
                 stats = chunk.stats
                 print(chunk.text, end="", flush=True)
