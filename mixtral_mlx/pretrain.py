@@ -241,7 +241,7 @@ def _final_evals(run_dir: Path) -> list[dict]:
 def greedy_samples(model, tokenizer, max_tokens: int = 24) -> list[tuple[str, str]]:
     from .generate import generate
 
-    return [(p, generate(model, tokenizer, p, mode="greedy", max_tokens=max_tokens)) for p in SAMPLE_PROMPTS]
+    return [(p, generate(model, tokenizer, p, mode="greedy", max_tokens=max_tokens).text) for p in SAMPLE_PROMPTS]
 
 
 def peak_flops() -> float:

@@ -417,7 +417,7 @@ def fit(trainer: Trainer, task: Task, run_dir: Path, resume_from: Path | None = 
                 counts = result.expert_counts
                 record["expert_load"] = (counts / counts.sum(axis=1, keepdims=True)).round(4).tolist()
             reporter.step(record)
-            if trainer.step % cfg.eval_every == 0:
+            if trainer.step % cfg.eval_every == 0 and trainer.step < cfg.iters:  # the last is the final one
                 run_eval()
             if result.stop:  # every process sees the same flag and stops at the same step
                 save(ckpt.step_dir(run_dir, trainer.step), pointer=True)
