@@ -232,10 +232,13 @@ class TokenizedSplit:
 
 
 def default_cache_dir(data_dir: str | Path) -> Path:
-    """`<data_dir>/.cache`, or the user's cache when the data directory is read-only."""
-    data_dir = Path(data_dir)
-    if os.access(data_dir, os.W_OK) or os.access(data_dir / ".cache", os.W_OK):
-        return data_dir / ".cache"
+    """Where tokenized splits are cached: `$MIXTRAL_MLX_CACHE`, else the user's cache.
+
+    Never inside the data directory: data sets are often shared or read-only, and the
+    cache key (a hash of the data file and the tokenizer) does not depend on where they lie.
+    """
+    if os.environ.get("MIXTRAL_MLX_CACHE"):
+        return Path(os.environ["MIXTRAL_MLX_CACHE"])
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return base / "mixtral-mlx" / "tokenized"
 
