@@ -13,9 +13,9 @@ import sys
 
 from .. import blas as _blas  # noqa: F401  (imports the package, which preloads OpenBLAS before mlx)
 from ..errors import UserError
-from . import info
+from . import analyze, info
 
-COMMANDS = [info]
+COMMANDS = [info, analyze]
 
 
 class Parser(argparse.ArgumentParser):
