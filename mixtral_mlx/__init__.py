@@ -8,6 +8,7 @@ from .config import ModelArgs, load_preset  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .model import Model  # noqa: E402
 from .checkpoint import load, save  # noqa: E402
+from .analysis import capture  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ModelArgs", "Model", "UserError", "load", "load_preset", "save", "__version__"]
+__all__ = ["ModelArgs", "Model", "UserError", "capture", "load", "load_preset", "save", "__version__"]
