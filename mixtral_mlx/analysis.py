@@ -41,7 +41,8 @@ CAPTURABLE = ("hidden", "router", "attention")
 
 # ---------------------------------------------------------------------- capture
 class Recording:
-    """What a `capture` block saw in each captured layer, as dicts keyed by layer index.
+    """What a `capture` block saw in each captured layer, as dicts keyed by layer index
+    (negative indices count from the end).
 
     Successive forward calls are taken to continue one sequence, as decoding with a KV
     cache does: values are concatenated along the sequence axis, and attention maps are
@@ -75,6 +76,9 @@ class Recording:
         self._attention[index].append((weights, key_positions(cache, L, n_keys, offset), offset))
 
     # What users read ---------------------------------------------------------------
+    def _by_layer(self, values: dict) -> "ByLayer":
+        return ByLayer(values, self.num_layers)
+
     def _require(self, kind: str, store: dict) -> None:
         if kind not in self.what:
             raise ValueError(f"{kind} was not captured (what={self.what})")
@@ -82,26 +86,26 @@ class Recording:
             raise ValueError("nothing captured: run a forward pass inside the capture block")
 
     @property
-    def router_logits(self) -> dict[int, mx.array]:
+    def router_logits(self) -> ByLayer:
         """Per layer (B, L, E) router logits."""
         self._require("router", self._router)
-        return {i: _concat(v) for i, v in self._router.items()}
+        return self._by_layer({i: _concat(v) for i, v in self._router.items()})
 
     @property
-    def experts(self) -> dict[int, mx.array]:
+    def experts(self) -> ByLayer:
         """Per layer (B, L, k): the experts each token was routed to, highest gate first."""
-        return {i: ranked_experts(r, self.top_k)[0] for i, r in self.router_logits.items()}
+        return self._by_layer({i: ranked_experts(r, self.top_k)[0] for i, r in self.router_logits.items()})
 
     @property
-    def gates(self) -> dict[int, mx.array]:
+    def gates(self) -> ByLayer:
         """Per layer (B, L, k): the weights of `experts` in the layer's output (they sum to 1)."""
-        return {i: ranked_experts(r, self.top_k)[1] for i, r in self.router_logits.items()}
+        return self._by_layer({i: ranked_experts(r, self.top_k)[1] for i, r in self.router_logits.items()})
 
     @property
-    def hidden(self) -> dict[int, mx.array]:
+    def hidden(self) -> ByLayer:
         """Per layer (B, L, hidden): the layer's output (the residual stream after it)."""
         self._require("hidden", self._hidden)
-        return {i: _concat(v) for i, v in self._hidden.items()}
+        return self._by_layer({i: _concat(v) for i, v in self._hidden.items()})
 
     @property
     def hidden_states(self) -> list[mx.array]:
@@ -112,10 +116,10 @@ class Recording:
         return [_concat(self._inputs)] + [hidden[i] for i in self.layers]
 
     @property
-    def attention(self) -> dict[int, mx.array]:
+    def attention(self) -> ByLayer:
         """Per layer (B, heads, queries, positions) attention weights; each row sums to 1."""
         self._require("attention", self._attention)
-        return {i: _assemble_attention(v) for i, v in self._attention.items()}
+        return self._by_layer({i: _assemble_attention(v) for i, v in self._attention.items()})
 
 
 class _LayerProbe(nn.Module):
@@ -187,6 +191,19 @@ def resolve_layers(layers: list[int] | int | None, num_layers: int) -> list[int]
     return sorted(out)
 
 
+class ByLayer(dict):
+    """{layer index: value}, also indexed from the end: rec.experts[-1] is the last layer's."""
+
+    def __init__(self, values: dict, num_layers: int):
+        super().__init__(values)
+        self.num_layers = num_layers
+
+    def __missing__(self, key):
+        if isinstance(key, int) and -self.num_layers <= key < 0 and key % self.num_layers in self:
+            return self[key % self.num_layers]
+        raise KeyError(f"layer {key} was not captured (captured: {sorted(self)})")
+
+
 def _concat(arrays: list[mx.array]) -> mx.array:
     return arrays[0] if len(arrays) == 1 else mx.concatenate(arrays, axis=1)
 
@@ -208,7 +225,7 @@ def router_entropy(router_logits: mx.array) -> mx.array:
     z = router_logits.astype(mx.float32)
     lse = mx.logsumexp(z, axis=-1, keepdims=True)
     p = mx.exp(z - lse)
-    return (lse[..., 0] - (p * z).sum(axis=-1))
+    return lse[..., 0] - (p * z).sum(axis=-1)
 
 
 def attention_weights(q: mx.array, k: mx.array, mask, scale: float) -> mx.array:
@@ -289,8 +306,8 @@ def token_strings(tokenizer, ids: list[int]) -> list[str]:
 def display_text(piece: str) -> str:
     """A piece as text: '▁' back to a space, byte pieces like <0x0A> to their character."""
     if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
-        char = chr(int(piece[3:5], 16))
-        return char if char.isprintable() or char in "\n\t" else piece
+        code = int(piece[3:5], 16)  # bytes past ASCII are parts of a UTF-8 character: left as they are
+        return chr(code) if code < 0x80 and (chr(code).isprintable() or chr(code) in "\n\t") else piece
     return piece.replace("▁", " ")
 
 
@@ -304,7 +321,8 @@ def token_kinds(tokenizer, vocab_size: int) -> np.ndarray:
     pieces = token_strings(tokenizer, range(min(vocab_size, tokenizer.vocab_size)))
     kinds = np.zeros(vocab_size, dtype=np.int64)  # ids past the tokenizer's vocabulary stay "special"
     for i, piece in enumerate(pieces):
-        kinds[i] = TOKEN_KINDS.index(_kind(piece, i in special or (sp is not None and sp.is_control(i))))
+        control = sp is not None and (sp.is_control(i) or sp.is_unknown(i))
+        kinds[i] = TOKEN_KINDS.index(_kind(piece, i in special or control))
     return kinds
 
 
@@ -384,6 +402,7 @@ def token_windows(documents: list[list[int]], max_tokens: int, seq_len: int) -> 
     """Windows of `seq_len` tokens spread evenly over the documents laid end to end, about
     `max_tokens` in all, so a sample covers the whole split rather than its first documents."""
     stream = np.fromiter((t for doc in documents for t in doc), dtype=np.int64)
+    seq_len = min(seq_len, max_tokens)
     if len(stream) <= max_tokens:
         return [stream[i : i + seq_len] for i in range(0, len(stream), seq_len)]
     n = math.ceil(max_tokens / seq_len)

@@ -145,8 +145,10 @@ def test_captured_experts_are_the_routers_choices(tokenizer):
     layer = model.layers[-1]
     moe_in = layer.post_attention_layernorm(h + layer.self_attn(layer.input_layernorm(h)))
     _, indices, scores = layer.block_sparse_moe.route(moe_in.reshape(-1, moe_in.shape[-1]))
-    experts, gates = rec.experts[1][0], rec.gates[1][0]
+    experts, gates = rec.experts[-1][0], rec.gates[1][0]  # negative indices count from the end
     assert rec.layers == [1]
+    with pytest.raises(KeyError, match="layer 0 was not captured"):
+        rec.experts[0]
     assert np.array_equal(np.sort(np.array(experts), -1), np.sort(np.array(indices), -1))
     np.testing.assert_allclose(np.sort(np.array(gates), -1), np.sort(np.array(scores), -1), atol=1e-6)
     assert np.all(np.diff(np.array(gates), axis=-1) <= 0)  # best first
