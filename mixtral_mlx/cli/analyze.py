@@ -237,11 +237,10 @@ def run_routes(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     written = [write_json(out / "routes.json", report), plots.route_grid(pieces, experts, gates, E, out / "routes.png")]
     colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and "NO_COLOR" not in os.environ)
-    texts = [display_text(p).replace("\n", "↵") for p in pieces]
     if colour:
-        print_coloured_routes(texts, experts, E)
+        print_coloured_routes([display_text(p).replace("\n", "↵") for p in pieces], experts, E)
     else:
-        print_route_table(texts, experts)
+        print_route_table(pieces, experts)
     report_written(written)
     return 0
 
@@ -261,13 +260,13 @@ def print_coloured_routes(texts: list[str], experts, num_experts: int) -> None:
         print(f"layer {layer:>2} | " + "".join(paint(t, int(e[0])) for t, e in zip(texts, row)))
 
 
-def print_route_table(texts: list[str], experts) -> None:
+def print_route_table(pieces: list[str], experts) -> None:
+    """One row per token (as the tokenizer spells it, '▁' for a space), its top-k experts per layer."""
     layers = experts.shape[0]
-    width = max(len(t) for t in texts) + 2
+    width = max(len(p) for p in pieces) + 2
     print(f"{'token':<{width}}" + "".join(f"{'layer ' + str(i):>10}" for i in range(layers)))
-    for t, token in enumerate(texts):
-        print(f"{repr(token)[1:-1]:<{width}}" + "".join(f"{','.join(map(str, experts[i, t])):>10}"
-                                                         for i in range(layers)))
+    for t, piece in enumerate(pieces):
+        print(f"{piece:<{width}}" + "".join(f"{','.join(map(str, experts[i, t])):>10}" for i in range(layers)))
 
 
 # ---------------------------------------------------------------------- attention
