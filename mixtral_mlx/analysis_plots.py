@@ -16,6 +16,11 @@ from matplotlib.figure import Figure
 
 MAX_ANNOTATED_CELLS = 600  # beyond this, numbers in cells are too small to read
 MAX_TICK_LABELS = 80  # beyond this, token labels on an axis overlap
+MAX_PANEL_WIDTH = 14.0  # inches: many experts share the width rather than grow the figure
+
+
+def _panel_width(num_experts: int) -> float:
+    return min(max(3.0, 0.45 * num_experts + 1.2), MAX_PANEL_WIDTH)
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
@@ -45,17 +50,22 @@ def _token_axis(ax, axis: str, labels: list[str], rotation: int = 90) -> None:
         ax.set_yticks(ticks, labels, fontsize=7)
 
 
+def _expert_axis(ax, num_experts: int) -> None:
+    ax.set_xlabel("expert")
+    ax.set_xticks(range(num_experts), [str(e) for e in range(num_experts)], fontsize=10 if num_experts <= 16 else 6)
+
+
 def _grid(n: int) -> tuple[int, int]:
     cols = math.ceil(math.sqrt(n))
     return math.ceil(n / cols), cols
 
 
 # ---------------------------------------------------------------------- experts
-def expert_shares(shares: dict[str, np.ndarray], path, what: str = "share of routed tokens (top-k slots), %") -> Path:
+def expert_shares(shares: dict[str, np.ndarray], path) -> Path:
     """One layer x expert heatmap per data set, on one colour scale, uniform usage marked."""
     names = list(shares)
     layers, E = shares[names[0]].shape
-    fig = Figure(figsize=(max(3.0, 0.45 * E + 1.2) * len(names) + 1.2, max(2.5, 0.32 * layers + 1.4)),
+    fig = Figure(figsize=(_panel_width(E) * len(names) + 1.2, max(2.5, 0.32 * layers + 1.4)),
                  layout="constrained")
     axes = fig.subplots(1, len(names), squeeze=False)[0]
     norm = Normalize(0, max(float(s.max()) for s in shares.values()) * 100)
@@ -63,11 +73,10 @@ def expert_shares(shares: dict[str, np.ndarray], path, what: str = "share of rou
         image = ax.imshow(shares[name] * 100, cmap="viridis", norm=norm, aspect="auto")
         _annotate(ax, shares[name] * 100, image, "{:.0f}")
         ax.set_title(name, fontsize=10)
-        ax.set_xlabel("expert")
-        ax.set_xticks(range(E))
+        _expert_axis(ax, E)
         ax.set_yticks(range(layers))
     axes[0].set_ylabel("layer")
-    fig.colorbar(image, ax=list(axes), label=what, shrink=0.9)
+    fig.colorbar(image, ax=list(axes), label="share of routed tokens (top-k slots), %", shrink=0.9)
     fig.suptitle(f"Expert usage per layer (uniform = {100 / E:.1f}%)")
     return _save(fig, path)
 
@@ -79,7 +88,7 @@ def expert_differences(shares: dict[str, np.ndarray], path) -> Path:
     layers, E = shares[names[0]].shape
     diffs = [(shares[a] - shares[b]) * 100 for a, b in pairs]
     limit = max(max(float(np.abs(d).max()) for d in diffs), 1e-9)
-    fig = Figure(figsize=(max(3.0, 0.45 * E + 1.2) * len(pairs) + 1.2, max(2.5, 0.32 * layers + 1.4)),
+    fig = Figure(figsize=(_panel_width(E) * len(pairs) + 1.2, max(2.5, 0.32 * layers + 1.4)),
                  layout="constrained")
     axes = fig.subplots(1, len(pairs), squeeze=False)[0]
     norm = TwoSlopeNorm(0, -limit, limit)
@@ -87,8 +96,7 @@ def expert_differences(shares: dict[str, np.ndarray], path) -> Path:
         image = ax.imshow(d, cmap="RdBu_r", norm=norm, aspect="auto")
         _annotate(ax, d, image, "{:+.0f}")
         ax.set_title(f"{a} − {b}", fontsize=10)
-        ax.set_xlabel("expert")
-        ax.set_xticks(range(E))
+        _expert_axis(ax, E)
         ax.set_yticks(range(layers))
     axes[0].set_ylabel("layer")
     fig.colorbar(image, ax=list(axes), label="difference in share, percentage points", shrink=0.9)
@@ -101,7 +109,7 @@ def first_last_layers(shares: dict[str, np.ndarray], path) -> Path:
     names = list(shares)
     layers, E = shares[names[0]].shape
     chosen = sorted({0, layers // 2, layers - 1})
-    fig = Figure(figsize=(max(4.0, 0.6 * E * len(names) / 2 + 1.5) * len(chosen), 3.2), layout="constrained")
+    fig = Figure(figsize=(min(max(4.0, 0.3 * E * len(names) + 1.5), 16.0) * len(chosen), 3.2), layout="constrained")
     axes = fig.subplots(1, len(chosen), squeeze=False, sharey=True)[0]
     width = 0.8 / len(names)
     colours = colormaps["tab10"]
@@ -111,8 +119,7 @@ def first_last_layers(shares: dict[str, np.ndarray], path) -> Path:
                    label=name, color=colours(j % 10))
         ax.axhline(100 / E, color="black", linestyle="--", linewidth=0.8)
         ax.set_title(f"layer {layer}", fontsize=10)
-        ax.set_xlabel("expert")
-        ax.set_xticks(range(E))
+        _expert_axis(ax, E)
     axes[0].set_ylabel("share of routed tokens, %")
     axes[-1].legend(fontsize=8, loc="upper right")
     fig.suptitle("Expert usage by data set, first vs last layer (dashed: uniform)")
@@ -126,7 +133,7 @@ def expert_breakdowns(breakdowns: dict[str, dict], path) -> Path:
     chosen = sorted({0, layers - 1})
     heights = [max(1.8, 0.3 * len(b["groups"]) + 1.0) for b in breakdowns.values()]
     E = len(next(iter(breakdowns.values()))["topk_share"][0][0])
-    fig = Figure(figsize=(max(3.5, 0.45 * E + 2.2) * len(chosen) + 1.0, sum(heights) + 0.8), layout="constrained")
+    fig = Figure(figsize=((_panel_width(E) + 1.0) * len(chosen) + 1.0, sum(heights) + 0.8), layout="constrained")
     axes = fig.subplots(len(titles), len(chosen), squeeze=False, gridspec_kw={"height_ratios": heights})
     for row, title in enumerate(titles):
         b = breakdowns[title]
@@ -137,8 +144,7 @@ def expert_breakdowns(breakdowns: dict[str, dict], path) -> Path:
             image = ax.imshow(d, cmap="viridis", norm=norm, aspect="auto")
             _annotate(ax, d, image, "{:.0f}")
             ax.set_title(f"{title}, layer {layer}", fontsize=10)
-            ax.set_xlabel("expert")
-            ax.set_xticks(range(E))
+            _expert_axis(ax, E)
             ax.set_yticks(range(len(labels)), labels if ax is axes[row][0] else [""] * len(labels), fontsize=8)
         fig.colorbar(image, ax=list(axes[row]), label="share of the group's\nrouted tokens, %", shrink=0.9)
     fig.suptitle(f"Expert usage by group of tokens, first vs last layer (uniform = {100 / E:.1f}%)")
@@ -180,7 +186,8 @@ def route_grid(tokens: list[str], experts: np.ndarray, gates: np.ndarray, num_ex
         ax.set_ylabel("layer")
     axes[0].set_title(f"Top-{k} experts of each token (colour: first choice; mean first-choice gate "
                       f"{gates[:, :, 0].mean():.2f})", fontsize=10)
-    bar = fig.colorbar(image, ax=list(axes), ticks=range(num_experts), shrink=min(0.9, 4 / len(blocks)), aspect=25)
+    height = block_height * len(blocks) + 0.6
+    bar = fig.colorbar(image, ax=list(axes), ticks=range(num_experts), shrink=min(0.9, 4.0 / height), aspect=25)
     bar.set_label("first-choice expert")
     return _save(fig, path)
 
@@ -191,7 +198,7 @@ def attention_heads(tokens: list[str], weights: np.ndarray, heads: list[int], ti
     """(heads, T, T) attention maps as a grid, token labels on both axes, masked cells grey."""
     H, T, _ = weights.shape
     rows, cols = _grid(H)
-    side = max(2.6, min(0.16 * T + 1.0, 9.0)) if H > 1 else max(4.0, min(0.25 * T + 1.5, 16.0))
+    side = max(2.6, min(0.16 * T + 1.0, 9.0, 36.0 / cols)) if H > 1 else max(4.0, min(0.25 * T + 1.5, 16.0))
     fig = Figure(figsize=(side * cols + 1.0, side * rows + 0.6), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     q, kpos = np.arange(T)[:, None], np.arange(T)[None, :]

@@ -273,7 +273,8 @@ def test_expert_statistics_on_a_hand_made_routing():
     assert first["top1_share"] == pytest.approx([4 / 6, 2 / 6, 0, 0])
     assert first["topk_share"] == pytest.approx([5 / 12, 5 / 12, 2 / 12, 0])
     assert first["mean_gate"] == pytest.approx([(4 * 0.75 + 0.25) / 6, (2 * 0.75 + 3 * 0.25) / 6, 0.5 / 6, 0])
-    assert first["mean_gate_when_chosen"][:3] == pytest.approx([0.65, 0.45, 0.25]) and first["mean_gate_when_chosen"][3] is None
+    assert first["mean_gate_when_chosen"][:3] == pytest.approx([0.65, 0.45, 0.25])
+    assert first["mean_gate_when_chosen"][3] is None
     assert first["dead_experts"] == [3] and second["dead_experts"] == [0, 1]
     assert first["imbalance"] == pytest.approx(5 / 12 * 4)
     assert first["cv"] == pytest.approx(np.std([5, 5, 2, 0]) / np.mean([5, 5, 2, 0]))
@@ -377,9 +378,17 @@ def test_analyze_experts_and_routes_report_hand_set_routes(tmp_path, routed_mode
     np.testing.assert_allclose(np.array(routes["gates"])[..., 0], 1 / (1 + np.exp(-8 / np.sqrt(5))), atol=1e-4)
     assert_png(tmp_path / "routes" / "routes.png")
     assert "layer 0" in r.stdout and "\x1b[" not in r.stdout  # not a terminal: a plain table
-    coloured = cli("analyze", "routes", "--model", routed_model_dir, "--prompt", prompt, "--out", "routes",
-                   "--color", "always", cwd=tmp_path)
-    assert "\x1b[" in coloured.stdout
+
+
+def test_routes_print_each_token_on_its_experts_colour(capsys):
+    from mixtral_mlx.analysis_plots import expert_colours
+    from mixtral_mlx.cli.analyze import print_coloured_routes
+
+    print_coloured_routes(["A", "b"], np.array([[[0, 1], [2, 0]]]), 4)
+    line = capsys.readouterr().out.splitlines()[1]
+    for text, expert in (("A", 0), ("b", 2)):
+        r, g, b, _ = (round(255 * c) for c in expert_colours(4)(expert))
+        assert f"48;2;{r};{g};{b}m{text}\x1b[0m" in line
 
 
 def test_analyze_attention(tmp_path, model_dir, tokenizer):

@@ -27,7 +27,8 @@ def register(sub) -> None:
     kinds.required = True
 
     model = argparse.ArgumentParser(add_help=False)
-    model.add_argument("--model", required=True, help="a model directory (config.json, weights, tokenizer.model) or Hub repo")
+    model.add_argument("--model", required=True,
+                       help="a model directory (config.json, weights, tokenizer.model) or Hub repo")
     model.add_argument("--adapter", help="a directory of LoRA adapters to apply to the model")
     model.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                        help="cast the weights on load (default: as stored)")
@@ -38,7 +39,8 @@ def register(sub) -> None:
     e.add_argument("--data", nargs="+", required=True, metavar="NAME=DIR",
                    help="data sets: directories of jsonl splits, each optionally named (NAME=DIR)")
     e.add_argument("--split", default="val", help="the split to read (default: val; valid.jsonl is accepted)")
-    e.add_argument("--max-tokens", type=int, default=16384, help="tokens per data set, in windows spread over the split")
+    e.add_argument("--max-tokens", type=int, default=16384,
+                   help="tokens per data set, in windows spread evenly over the split (default: 16384)")
     e.add_argument("--seq-len", type=int, default=256, help="tokens per window (default: 256)")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--seed", type=int, default=0, help="seed of the shuffle that gives the chance rates")
@@ -88,10 +90,9 @@ def apply_adapter(model, directory: str) -> None:
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    ids = tokenizer.encode(prompt, bos=True)
-    if not prompt or len(ids) == (tokenizer.bos_id is not None):
+    if not prompt:
         raise UserError("is empty", field="--prompt")
-    return ids
+    return tokenizer.encode(prompt, bos=True)
 
 
 def check_positive(value: int, flag: str) -> None:
