@@ -27,43 +27,49 @@ def register(sub) -> None:
     kinds.required = True
 
     model = argparse.ArgumentParser(add_help=False)
-    model.add_argument("--model", required=True,
+    model.add_argument("--model", required=True, metavar="DIR",
                        help="a model directory (config.json, weights, tokenizer.model) or Hub repo")
-    model.add_argument("--adapter", help="a directory of LoRA adapters to apply to the model")
+    model.add_argument("--adapter", metavar="DIR", help="a directory of LoRA adapters to apply to the model")
     model.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                        help="cast the weights on load (default: as stored)")
     prompt = argparse.ArgumentParser(add_help=False)
-    prompt.add_argument("--prompt", required=True, help="the text to run (a BOS token is put in front)")
+    prompt.add_argument("--prompt", required=True, metavar="TEXT",
+                        help="the text to run (a BOS token is put in front)")
 
     e = kinds.add_parser("experts", parents=[model], help="expert usage per data set and layer")
     e.add_argument("--data", nargs="+", required=True, metavar="NAME=DIR",
                    help="data sets: directories of jsonl splits, each optionally named (NAME=DIR)")
-    e.add_argument("--split", default="val", help="the split to read (default: val; valid.jsonl is accepted)")
-    e.add_argument("--max-tokens", type=int, default=16384,
+    e.add_argument("--split", default="val", metavar="NAME",
+                   help="the split to read (default: val; valid.jsonl is accepted)")
+    e.add_argument("--max-tokens", type=int, default=16384, metavar="N",
                    help="tokens per data set, in windows spread evenly over the split (default: 16384)")
-    e.add_argument("--seq-len", type=int, default=256, help="tokens per window (default: 256)")
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--seed", type=int, default=0, help="seed of the shuffle that gives the chance rates")
-    e.add_argument("--out", default="analysis/experts", help="output directory (default: analysis/experts)")
+    e.add_argument("--seq-len", type=int, default=256, metavar="N", help="tokens per window (default: 256)")
+    e.add_argument("--batch-size", type=int, default=8, metavar="N", help="windows per forward pass (default: 8)")
+    e.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the shuffle that gives the chance rates")
+    add_out(e, "analysis/experts")
     e.set_defaults(func=run_experts)
 
     r = kinds.add_parser("routes", parents=[model, prompt], help="each token's experts per layer")
-    r.add_argument("--out", default="analysis/routes", help="output directory (default: analysis/routes)")
+    add_out(r, "analysis/routes")
     r.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                    help="colour the printed text by expert (auto: when printing to a terminal)")
     r.set_defaults(func=run_routes)
 
     a = kinds.add_parser("attention", parents=[model, prompt], help="attention maps with token labels")
-    a.add_argument("--layer", type=int, action="append",
+    a.add_argument("--layer", type=int, action="append", metavar="L",
                    help="layer to draw, negative from the end; repeatable (default: every layer)")
-    a.add_argument("--head", type=int, help="draw only this head (default: all heads as a grid)")
-    a.add_argument("--out", default="analysis/attention", help="output directory (default: analysis/attention)")
+    a.add_argument("--head", type=int, metavar="H", help="draw only this head (default: all heads as a grid)")
+    add_out(a, "analysis/attention")
     a.set_defaults(func=run_attention)
 
     h = kinds.add_parser("hidden", parents=[model, prompt], help="hidden states of every layer and their norms")
-    h.add_argument("--out", default="analysis/hidden.npz",
+    h.add_argument("--out", default="analysis/hidden.npz", metavar="FILE.npz",
                    help="the .npz to write; a .json and a .png are written beside it (default: analysis/hidden.npz)")
     h.set_defaults(func=run_hidden)
+
+
+def add_out(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--out", default=default, metavar="DIR", help=f"output directory (default: {default})")
 
 
 # ---------------------------------------------------------------------- shared
