@@ -9,8 +9,11 @@ Two dispatches compute the same function:
 * `gather`: each token runs only its k experts through `mx.gather_mm`, with tokens
   sorted by expert for long inputs: the right choice on a GPU.
 
-`auto` (the default) picks `dense` on the CPU and `gather` elsewhere. Neither waits on
-the host, so both compile and train without a Python loop over experts.
+`auto` (the default) picks `gather` on a GPU, and on the CPU `dense` except for a few
+tokens at a time (decoding), where gathering reads E/k times fewer weights and wins
+(small preset, 2-core CPU: 0.3 ms vs 4.7 ms per layer for one token; the two cross
+near 48 tokens). Neither waits on the host, so both compile and train without a
+Python loop over experts.
 """
 
 from __future__ import annotations
@@ -25,11 +28,16 @@ from .config import ModelArgs
 DISPATCHES = ("auto", "dense", "gather")
 
 
-def resolve_dispatch(dispatch: str) -> str:
+GATHER_BELOW_TOKENS = 32  # `auto` on the CPU gathers for fewer tokens than this
+
+
+def resolve_dispatch(dispatch: str, num_tokens: int | None = None) -> str:
     if dispatch not in DISPATCHES:
         raise ValueError(f"unknown MoE dispatch {dispatch!r}; choose from {DISPATCHES}")
     if dispatch == "auto":
-        return "dense" if mx.default_device() == mx.cpu else "gather"
+        if mx.default_device() != mx.cpu:
+            return "gather"
+        return "gather" if num_tokens is not None and num_tokens < GATHER_BELOW_TOKENS else "dense"
     return dispatch
 
 
@@ -46,7 +54,10 @@ class ExpertLinear(nn.Module):
         return self.weight.shape[0]
 
     def gather(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        """x: (..., 1 or k, 1, in), indices: (..., k) -> (..., k, 1, out), expert indices[i] on row i."""
+        """Row i of x through expert indices[i]: x (..., 1, in), indices (...) -> (..., 1, out).
+
+        x broadcasts against indices, so (T, 1, 1, in) with (T, k) runs each token through k experts.
+        """
         return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
 
     def all_experts(self, x: mx.array) -> mx.array:
@@ -85,10 +96,9 @@ class Experts(nn.Module):
             flat = indices.reshape(-1)
             order = mx.argsort(flat)
             inverse = mx.argsort(order)
-            xs = x[order // k][:, None, :]
-            idx = flat[order]
-            y = self._swiglu(xs[:, None], idx[:, None], sorted_indices=True)  # (T*k, 1, 1, h)
-            y = y.reshape(T * k, -1)[inverse].reshape(T, k, -1)
+            xs = x[order // k][:, None, :]  # (T*k, 1, h): row r is token order[r] // k
+            y = self._swiglu(xs, flat[order], sorted_indices=True)  # (T*k, 1, h)
+            y = y.squeeze(1)[inverse].reshape(T, k, -1)
         else:
             y = self._swiglu(x[:, None, None, :], indices).squeeze(-2)  # (T, k, h)
         return (y * scores[..., None]).sum(axis=1)
@@ -129,7 +139,7 @@ class SparseMoeBlock(nn.Module):
         if self.training and self.jitter > 0:
             x = x * mx.random.uniform(1 - self.jitter, 1 + self.jitter, x.shape, dtype=x.dtype)
         logits, indices, scores = self.route(x)
-        if resolve_dispatch(self.dispatch) == "dense":
+        if resolve_dispatch(self.dispatch, B * L) == "dense":
             y = self.experts.dense(x, scatter_gates(indices, scores, self.num_experts))
         else:
             y = self.experts.gather(x, indices, scores)
