@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -34,7 +32,6 @@ import numpy as np
 
 from .attention import attention_mask
 from .cache import RollingKVCache
-from .errors import UserError
 
 CAPTURABLE = ("hidden", "router", "attention")
 
@@ -295,14 +292,6 @@ def hidden_summary(hidden_states: np.ndarray) -> dict[str, list]:
 
 
 # ---------------------------------------------------------------------- tokens
-def token_strings(tokenizer, ids: list[int]) -> list[str]:
-    """Each token as the tokenizer spells it (SentencePiece pieces keep their '▁')."""
-    sp = getattr(tokenizer, "sp", None)
-    if sp is not None:
-        return [sp.id_to_piece(int(i)) for i in ids]
-    return [tokenizer.decode([int(i)]) for i in ids]
-
-
 def display_text(piece: str) -> str:
     """A piece as text: '▁' back to a space, byte pieces like <0x0A> to their character."""
     if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
@@ -315,22 +304,20 @@ TOKEN_KINDS = ("special", "word start", "word piece", "number", "punctuation", "
 
 
 def token_kinds(tokenizer, vocab_size: int) -> np.ndarray:
-    """A kind (index into TOKEN_KINDS) for every id in the vocabulary."""
+    """A kind (index into TOKEN_KINDS) for every id in the vocabulary, from how the token is spelled."""
     special = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id}
-    sp = getattr(tokenizer, "sp", None)
-    pieces = token_strings(tokenizer, range(min(vocab_size, tokenizer.vocab_size)))
+    pieces = tokenizer.pieces(range(min(vocab_size, tokenizer.vocab_size)))
     kinds = np.zeros(vocab_size, dtype=np.int64)  # ids past the tokenizer's vocabulary stay "special"
     for i, piece in enumerate(pieces):
-        control = sp is not None and (sp.is_control(i) or sp.is_unknown(i))
-        kinds[i] = TOKEN_KINDS.index(_kind(piece, i in special or control))
+        kinds[i] = TOKEN_KINDS.index("special" if i in special else _kind(piece))
     return kinds
 
 
-def _kind(piece: str, special: bool) -> str:
-    if special:
-        return "special"
-    if piece.startswith("<0x") and piece.endswith(">"):
+def _kind(piece: str) -> str:
+    if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
         return "byte"
+    if piece.startswith("<") and piece.endswith(">") and len(piece) > 2:  # <unk>, <s>, <|im_start|>, ...
+        return "special"
     word = piece.lstrip("▁ ")
     if not word or word.isspace():
         return "space"
@@ -355,53 +342,10 @@ def bucket_label(lo: int, hi: int) -> str:
 
 
 # ---------------------------------------------------------------------- data
-def read_split_texts(directory: str | Path, split: str) -> list[str]:
-    """The texts of one jsonl split: {"text"}, {"prompt", "completion"} or {"messages"} lines."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise UserError("no such data directory", file=directory)
-    names = [f"{split}.jsonl"] + (["valid.jsonl"] if split == "val" else [])
-    path = next((directory / n for n in names if (directory / n).exists()), None)
-    if path is None:
-        raise UserError(f"no {' or '.join(names)} in this directory", file=directory)
-    texts = []
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"not valid UTF-8 (byte {e.start} of the line)", file=path, line=line_no) from None
-            if line.strip():
-                texts.append(_record_text(line, path, line_no))
-    if not texts:
-        raise UserError("the split is empty", file=path)
-    return texts
-
-
-def _record_text(line: str, path: Path, line_no: int) -> str:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise UserError(f"not valid JSON: {e.msg} (column {e.colno})", file=path, line=line_no) from None
-    if not isinstance(record, dict):
-        raise UserError("must be a JSON object", file=path, line=line_no)
-    if "text" in record:
-        parts, field = [record["text"]], "text"
-    elif "prompt" in record and "completion" in record:
-        parts, field = [record["prompt"], record["completion"]], "completion"
-    elif isinstance(record.get("messages"), list):
-        parts, field = [m.get("content") if isinstance(m, dict) else None for m in record["messages"]], "messages"
-    else:
-        raise UserError('expected "text", "prompt" + "completion" or "messages"', file=path, line=line_no)
-    if not all(isinstance(p, str) for p in parts):
-        raise UserError("must be a string", file=path, line=line_no, field=field)
-    return ("" if field == "completion" else "\n").join(parts)
-
-
-def token_windows(documents: list[list[int]], max_tokens: int, seq_len: int) -> list[np.ndarray]:
-    """Windows of `seq_len` tokens spread evenly over the documents laid end to end, about
-    `max_tokens` in all, so a sample covers the whole split rather than its first documents."""
-    stream = np.fromiter((t for doc in documents for t in doc), dtype=np.int64)
+def token_windows(stream: np.ndarray, max_tokens: int, seq_len: int) -> list[np.ndarray]:
+    """Windows of `seq_len` tokens spread evenly over a token stream, about `max_tokens` in
+    all, so that a sample covers the whole split rather than its first documents."""
+    stream = np.asarray(stream, dtype=np.int64)
     seq_len = min(seq_len, max_tokens)
     if len(stream) <= max_tokens:
         return [stream[i : i + seq_len] for i in range(0, len(stream), seq_len)]
@@ -556,7 +500,7 @@ def _top_tokens(tokens: np.ndarray, top1: np.ndarray, E: int, tokenizer, n: int)
     out = []
     for e in range(E):
         best = [t for t in np.argsort(-table[:, e], kind="stable")[:n] if table[t, e] > 0]
-        pieces = token_strings(tokenizer, ids[best].tolist())
+        pieces = tokenizer.pieces(ids[best].tolist())
         out.append([{"id": int(ids[t]), "token": p, "count": int(table[t, e]),
                      "share": float(table[t, e] / per_token[t])} for t, p in zip(best, pieces)])
     return out

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import mixtral_mlx  # noqa: F401  (before mlx: preloads OpenBLAS)
-from mixtral_mlx.analysis import read_split_texts
+from mixtral_mlx.data import read_split
 from mixtral_mlx.cli import main as cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def default_data() -> list[str]:
 
 def sample_text(directory: Path, words: int) -> str:
     """The opening of the first test record long enough to show something."""
-    texts = read_split_texts(directory, "test")
+    texts = [example.document() for example in read_split(directory, "test")]
     text = next((t for t in texts if len(t.split()) >= words), max(texts, key=len))
     return " ".join(text.split()[:words])
 

@@ -6,47 +6,34 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import mixtral_mlx  # noqa: F401  (before mlx: preloads OpenBLAS)
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import assert_user_error, run_cli
 
-from mixtral_mlx import UserError, capture, load_preset, save
-from mixtral_mlx.analysis import (Routing, attention_weights, expert_statistics, read_split_texts, token_windows,
-                                  uniform_rates)
+from mixtral_mlx import capture, load_preset, save
+from mixtral_mlx.analysis import Routing, attention_weights, expert_statistics, token_windows, uniform_rates
 from mixtral_mlx.cache import make_cache
+from mixtral_mlx.data import tokenize_split
 from mixtral_mlx.model import Model, init_weights
-from mixtral_mlx.tokenizer import Tokenizer
+from mixtral_mlx.tokenizer import SentencePieceTokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-
-CORPUS = """\
+PROSE = """\
 The quick brown fox jumps over the lazy dog, and the dog sleeps in the warm sun.
 A small bird sings on the old stone wall; the cat watches it from the garden.
 In 1998 the city built 42 new houses near the river, and 7 bridges over it.
 She said: "Where is the key?" He answered, "On the table, next to the lamp."
 Rain fell all night. In the morning the streets were wet and the air was cold.
-Numbers like 3.14, 2718 and 1,000,000 appear in books about mathematics.
-The children ran to the park, played ball, and came home tired and happy.
 """
 
 
 # ---------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory) -> Tokenizer:
-    import sentencepiece as spm
-
-    d = tmp_path_factory.mktemp("spm")
-    (d / "corpus.txt").write_text(CORPUS * 20)
-    spm.SentencePieceTrainer.train(input=str(d / "corpus.txt"), model_prefix=str(d / "sp"), vocab_size=320,
-                                   model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-                                   minloglevel=2)
-    return Tokenizer(d / "sp.model")
+def tokenizer(sp_model) -> SentencePieceTokenizer:
+    return SentencePieceTokenizer(sp_model)
 
 
 def tiny_model(**overrides) -> Model:
@@ -95,7 +82,7 @@ def routed_model_dir(tmp_path_factory, tokenizer) -> Path:
 @pytest.fixture(scope="module")
 def data_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("data")
-    lines = {"prose": [{"text": line} for line in CORPUS.splitlines()] * 3,
+    lines = {"prose": [{"text": line} for line in PROSE.splitlines()] * 3,
              "chat": [{"messages": [{"role": "user", "content": "Where is the key?"},
                                     {"role": "assistant", "content": f"On table {i}."}]} for i in range(12)]}
     dirs = {}
@@ -112,9 +99,8 @@ def ids(tokenizer: Tokenizer, text: str = "The quick brown fox jumps over the la
     return mx.array([tokenizer.encode(text, bos=True)])
 
 
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mixtral_mlx", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+def cli(*args, cwd: Path):
+    return run_cli(*map(str, args), cwd=cwd)
 
 
 def assert_png(path: Path) -> None:
@@ -306,27 +292,11 @@ def test_uniform_rates():
 
 
 def test_token_windows_cover_the_whole_split():
-    docs = [list(range(i * 100, i * 100 + 100)) for i in range(10)]  # 1000 tokens
-    all_windows = token_windows(docs, max_tokens=5000, seq_len=64)
-    assert np.array_equal(np.concatenate(all_windows), np.arange(1000))
-    sample = token_windows(docs, max_tokens=200, seq_len=50)
+    stream = np.arange(1000)
+    assert np.array_equal(np.concatenate(token_windows(stream, max_tokens=5000, seq_len=64)), stream)
+    sample = token_windows(stream, max_tokens=200, seq_len=50)
     assert [len(w) for w in sample] == [50] * 4
     assert sample[0][0] == 0 and sample[-1][-1] == 999  # from the first token to the last
-
-
-def test_read_split_texts(tmp_path):
-    (tmp_path / "valid.jsonl").write_text('{"prompt": "Q: 1+1?", "completion": " 2"}\n\n'
-                                          '{"messages": [{"role": "user", "content": "hi"}, '
-                                          '{"role": "assistant", "content": "hello"}]}\n')
-    assert read_split_texts(tmp_path, "val") == ["Q: 1+1? 2", "hi\nhello"]
-    (tmp_path / "test.jsonl").write_text('{"text": "ok"}\n{"text": 3}\n')
-    with pytest.raises(UserError, match=r"test\.jsonl:2: text: must be a string"):
-        read_split_texts(tmp_path, "test")
-    (tmp_path / "train.jsonl").write_text('{"text": "ok"}\n{"text": \n')
-    with pytest.raises(UserError, match=r"train\.jsonl:2: not valid JSON"):
-        read_split_texts(tmp_path, "train")
-    with pytest.raises(UserError, match="no nope.jsonl"):
-        read_split_texts(tmp_path, "nope")
 
 
 # ---------------------------------------------------------------------- commands
@@ -356,7 +326,7 @@ def test_analyze_experts_and_routes_report_hand_set_routes(tmp_path, routed_mode
             "--out", "out", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "out" / "experts.json").read_text())["data_sets"]["prose"]
-    tokens = np.concatenate([tokenizer.encode(t, bos=True) for t in read_split_texts(data_dirs["prose"], "val")])
+    tokens = np.asarray(tokenize_split(data_dirs["prose"], "val", tokenizer).tokens, dtype=np.int64)
     assert report["tokens"] == len(tokens)
     for layer, stats in enumerate(report["layers"]):
         chosen = np.array([designed_experts(t, layer) for t in tokens])
@@ -428,6 +398,7 @@ def test_analyze_hidden(tmp_path, model_dir):
 
 @pytest.mark.parametrize("argv, message", [
     (["experts", "--data", "missing"], "missing: no such data directory"),
+    (["experts", "--data", "."], "val.jsonl: no such file (or valid.jsonl)"),
     (["experts", "--data", "a=", "--out", "out"], "--data: 'a=' is not NAME=DIR"),
     (["experts", "--data", "x", "--max-tokens", "0"], "--max-tokens: must be a positive integer"),
     (["attention", "--prompt", "hi", "--layer", "2"], "--layer: 2 is out of range: the model has 2 layers"),
@@ -436,9 +407,7 @@ def test_analyze_hidden(tmp_path, model_dir):
     (["hidden", "--prompt", "hi", "--out", "h.txt"], "--out: must name a .npz file"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, model_dir, argv, message):
-    r = cli("analyze", argv[0], "--model", model_dir, *argv[1:], cwd=tmp_path)
-    assert r.returncode == 2 and message in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert_user_error(cli("analyze", argv[0], "--model", model_dir, *argv[1:], cwd=tmp_path), message)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -450,10 +419,9 @@ def test_adapter_flag(tmp_path, model_dir):
         assert "--adapter: adapters are not available" in r.stderr
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is absent")
-def test_analyze_experts_on_public_data_sets(tmp_path, model_dir):
-    r = cli("analyze", "experts", "--model", model_dir, "--data", f"wiki={SHARED_DATA / 'wikitext-2-raw'}",
-            f"shakespeare={SHARED_DATA / 'tinyshakespeare'}", "--max-tokens", 1024, "--seq-len", 128,
+def test_analyze_experts_on_public_data_sets(tmp_path, model_dir, shared_data):
+    r = cli("analyze", "experts", "--model", model_dir, "--data", f"wiki={shared_data / 'wikitext-2-raw'}",
+            f"shakespeare={shared_data / 'tinyshakespeare'}", "--max-tokens", 1024, "--seq-len", 128,
             "--out", "out", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "out" / "experts.json").read_text())

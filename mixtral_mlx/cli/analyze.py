@@ -147,21 +147,23 @@ def run_experts(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .. import analysis_plots as plots
-    from ..analysis import (collect_routing, expert_statistics, read_split_texts, token_kinds, token_windows,
-                            total_variation, uniform_rates, Routing)
+    from ..analysis import (Routing, collect_routing, expert_statistics, token_kinds, token_windows,
+                            total_variation, uniform_rates)
+    from ..data import find_split, tokenize_split
 
     for flag in ("max_tokens", "seq_len", "batch_size"):
         check_positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     sets = parse_data_sets(args.data)
-    texts = {name: read_split_texts(directory, args.split) for name, directory in sets.items()}
+    for directory in sets.values():
+        find_split(directory, args.split)  # every data set is there before any work starts
     model, tokenizer = load_model(args)
     kinds = token_kinds(tokenizer, model.args.vocab_size)
 
     routing: dict[str, Routing] = {}
-    for name, docs in texts.items():
-        ids = [tokenizer.encode(t, bos=True) for t in tqdm(docs, desc=f"{name}: tokenize", unit="doc", leave=False)]
-        windows = token_windows(ids, args.max_tokens, args.seq_len)
-        with tqdm(total=sum(map(len, windows)), desc=f"{name}: route", unit="tok", leave=False) as bar:
+    for name, directory in sets.items():
+        stream = tokenize_split(directory, args.split, tokenizer, log=lambda line: print(f"{name}: {line}")).tokens
+        windows = token_windows(stream, args.max_tokens, args.seq_len)
+        with tqdm(total=sum(map(len, windows)), desc=f"{name}: routing", unit="tok", leave=False) as bar:
             routing[name] = collect_routing(model, windows, args.batch_size, bar)
     results = {name: expert_statistics(r, tokenizer, kinds, args.seq_len, args.seed) for name, r in routing.items()}
     if len(routing) > 1:
@@ -227,7 +229,7 @@ def run_routes(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .. import analysis_plots as plots
-    from ..analysis import capture, display_text, token_strings
+    from ..analysis import capture, display_text
 
     model, tokenizer = load_model(args)
     ids = encode_prompt(tokenizer, args.prompt)
@@ -235,7 +237,7 @@ def run_routes(args: argparse.Namespace) -> int:
         model.forward(mx.array([ids]))
         experts = np.stack([np.array(rec.experts[i][0]) for i in rec.layers])  # (layers, T, k)
         gates = np.stack([np.array(rec.gates[i][0]) for i in rec.layers])
-    pieces = token_strings(tokenizer, ids)
+    pieces = tokenizer.pieces(ids)
     E = model.args.num_local_experts
     report = {**model_info(args, model), "prompt": args.prompt, "ids": ids, "tokens": pieces,
               "experts": experts.tolist(), "gates": np.round(gates, 6).tolist()}
@@ -282,7 +284,7 @@ def run_attention(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .. import analysis_plots as plots
-    from ..analysis import attention_summary, capture, token_strings
+    from ..analysis import attention_summary, capture
 
     model, tokenizer = load_model(args)
     a = model.args
@@ -295,7 +297,7 @@ def run_attention(args: argparse.Namespace) -> int:
     with capture(model, layers=layers, what=("attention",)) as rec:
         model.forward(mx.array([ids]))
         maps = {i: np.array(w[0])[heads] for i, w in rec.attention.items()}  # (heads, T, T)
-    pieces = token_strings(tokenizer, ids)
+    pieces = tokenizer.pieces(ids)
     summaries = {i: attention_summary(w) for i, w in maps.items()}
     report = {**model_info(args, model), "prompt": args.prompt, "ids": ids, "tokens": pieces, "heads": heads,
               "sliding_window": a.sliding_window, "maps": "attention.npz",
@@ -328,7 +330,7 @@ def run_hidden(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .. import analysis_plots as plots
-    from ..analysis import capture, hidden_summary, token_strings
+    from ..analysis import capture, hidden_summary
 
     out = Path(args.out)
     if out.suffix != ".npz":
@@ -338,7 +340,7 @@ def run_hidden(args: argparse.Namespace) -> int:
     with capture(model, what=("hidden",)) as rec:
         model.forward(mx.array([ids]))
         states = np.stack([np.array(h[0].astype(mx.float32)) for h in rec.hidden_states])  # (layers + 1, T, hidden)
-    pieces = token_strings(tokenizer, ids)
+    pieces = tokenizer.pieces(ids)
     summary = hidden_summary(states)
     report = {**model_info(args, model), "prompt": args.prompt, "ids": ids, "tokens": pieces,
               "hidden_states": out.name, "rows": ["embeddings"] + [f"layer {i}" for i in range(len(states) - 1)],
