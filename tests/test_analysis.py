@@ -400,6 +400,7 @@ def test_analyze_hidden(tmp_path, model_dir):
     (["experts", "--data", "missing"], "missing: no such data directory"),
     (["experts", "--data", "."], "val.jsonl: no such file (or valid.jsonl)"),
     (["experts", "--data", "a=", "--out", "out"], "--data: 'a=' is not NAME=DIR"),
+    (["experts", "--data", "all=."], "--data: 'all' names the data sets pooled"),
     (["experts", "--data", "x", "--max-tokens", "0"], "--max-tokens: must be a positive integer"),
     (["attention", "--prompt", "hi", "--layer", "2"], "--layer: 2 is out of range: the model has 2 layers"),
     (["attention", "--prompt", "hi", "--head", "-5"], "--head: -5 is out of range"),

@@ -79,7 +79,8 @@ def load_model(args: argparse.Namespace):
 
     model, tokenizer = load(args.model, dtype=args.dtype)
     if tokenizer is None:
-        raise UserError("no tokenizer.model in the model directory; analysis needs one to read text",
+        raise UserError("no tokenizer (tokenizer.model or tokenizer.json) in the model directory; "
+                        "analysis needs one to read text",
                         file=resolve(args.model))
     if args.adapter:
         apply_adapter(model, args.adapter)
@@ -138,6 +139,9 @@ def parse_data_sets(specs: list[str]) -> dict[str, Path]:
             raise UserError(f"{spec!r} is not NAME=DIR", field="--data")
         if name in sets:
             raise UserError(f"data set name {name!r} is given twice", field="--data")
+        if name == "all":
+            raise UserError("'all' names the data sets pooled; give this one another name (NAME=DIR)",
+                            field="--data")
         sets[name] = Path(directory)
     return sets
 
