@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def register(sub) -> None:
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     if args.seq_len > model.args.max_position_embeddings:
         raise UserError(f"{args.seq_len} is longer than the model's context ({model.args.max_position_embeddings})",
                         field="--seq-len")
-    data = tokenize_split(args.data, args.split, tokenizer)
+    data = tokenize_split(args.data, args.split, tokenizer, log=lambda m: print(m, file=sys.stderr))
     nats, tokens = evaluate(model, eval_batches(data.tokens, args.batch_size, args.seq_len, args.max_batches))
     metrics = eval_metrics(nats, tokens, data.n_bytes * tokens / max(len(data.tokens) - 1, 1))
     metrics.update(split=args.split, tokens=tokens, model=str(args.model), data=str(args.data))
