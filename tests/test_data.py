@@ -14,8 +14,7 @@ import pytest
 
 import mixtral_mlx  # noqa: F401  (preloads OpenBLAS before anything imports mlx)
 from mixtral_mlx.data import (Example, FinetuneBatches, PackedBatches, default_cache_dir, eval_batches, find_split,
-                              load_split,
-                              num_eval_batches, read_split, tokenize_split)
+                              load_split, num_eval_batches, read_split, tokenize_split)
 from mixtral_mlx.errors import UserError
 from mixtral_mlx.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
