@@ -200,6 +200,9 @@ def load_weights_into(model: Model, weights: dict[str, mx.array], source: str | 
         if weights[name].shape != param.shape:
             raise UserError(f"shape {tuple(weights[name].shape)} does not match the config's {tuple(param.shape)}",
                             file=source, field=_hf_name(name))
+    for name, value in weights.items():
+        if mx.issubdtype(value.dtype, mx.floating) and not mx.isfinite(value).all().item():
+            raise UserError("tensor holds NaN or infinite values", file=source, field=_hf_name(name))
     unexpected = sorted(set(weights) - set(expected))
     if unexpected:
         raise UserError("unexpected tensor (does config.json match these weights?)", file=source, field=unexpected[0])

@@ -362,12 +362,17 @@ def fit(trainer: Trainer, task: Task, run_dir: Path, resume_from: Path | None = 
             return
         full = {**state, "step": trainer.step, "config": asdict(cfg), "model": trainer.model.args.to_hf(),
                 "data": task.train_batches.state(), "world_size": trainer.world, **task.extra_state}
-        with ckpt.atomic_directory(directory) as tmp:
-            task.save_weights(tmp)
-            mx.save_safetensors(str(tmp / ckpt.OPTIMIZER_FILE), trainer.optimizer_arrays())
-            if trainer.compute_dtype != mx.float32:
-                mx.save_safetensors(str(tmp / ckpt.MASTER_FILE), trainer.master_arrays())
-            (tmp / ckpt.STATE_FILE).write_text(json.dumps(full, indent=1))
+        try:
+            with ckpt.atomic_directory(directory) as tmp:
+                task.save_weights(tmp)
+                mx.save_safetensors(str(tmp / ckpt.OPTIMIZER_FILE), trainer.optimizer_arrays())
+                if trainer.compute_dtype != mx.float32:
+                    mx.save_safetensors(str(tmp / ckpt.MASTER_FILE), trainer.master_arrays())
+                (tmp / ckpt.STATE_FILE).write_text(json.dumps(full, indent=1))
+        except (OSError, RuntimeError) as e:  # disk full, read-only, quota: MLX's writer raises RuntimeError
+            latest = ckpt.latest_checkpoint(run_dir)
+            raise UserError(f"could not write the checkpoint at step {trainer.step} ({str(e).splitlines()[0]}); "
+                            f"the previous checkpoint is intact: {latest or 'none'}", file=directory) from None
         if pointer:
             ckpt.write_pointer(run_dir, directory.name)
             ckpt.prune_checkpoints(run_dir, cfg.keep)
@@ -400,7 +405,14 @@ def fit(trainer: Trainer, task: Task, run_dir: Path, resume_from: Path | None = 
                 trainer.fail()
                 raise
             t0 = time.perf_counter()
-            result = trainer.train_step(micro, stop_requested=stop.signal is not None)
+            try:
+                result = trainer.train_step(micro, stop_requested=stop.signal is not None)
+            except (MemoryError, RuntimeError) as e:
+                if not isinstance(e, MemoryError) and "memory" not in str(e).lower() and "alloc" not in str(e).lower():
+                    raise
+                raise UserError(f"out of memory at step {trainer.step + 1}: lower --batch-size or --seq-len, or "
+                                f"use --grad-accum; last good checkpoint: {ckpt.latest_checkpoint(run_dir) or 'none'}"
+                                ) from None
             dt = time.perf_counter() - t0
             if not (math.isfinite(result.loss) and math.isfinite(result.grad_norm)):
                 latest = ckpt.latest_checkpoint(run_dir)
