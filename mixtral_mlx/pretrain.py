@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -68,8 +69,12 @@ def model_args_for(cfg: TrainConfig, vocab_size: int, tokenizer) -> ModelArgs:
     return args
 
 
-def prepare_run_dir(cfg: TrainConfig, resume: str | bool | None, overwrite: bool) -> tuple[Path, Path | None]:
-    """The run directory, and the checkpoint to resume from (None for a fresh run)."""
+def prepare_run_dir(cfg: TrainConfig, resume: str | bool | None, overwrite: bool,
+                    first: bool = True) -> tuple[Path, Path | None]:
+    """The run directory, and the checkpoint to resume from (None for a fresh run).
+
+    Only the `first` process of a data-parallel run checks and clears the directory.
+    """
     if resume:
         run_dir = Path(resume if isinstance(resume, str) else (cfg.out or ""))
         if not str(run_dir) or not run_dir.is_dir():
@@ -79,6 +84,8 @@ def prepare_run_dir(cfg: TrainConfig, resume: str | bool | None, overwrite: bool
             raise UserError("holds no complete checkpoint to resume from", file=run_dir)
         return run_dir, latest
     run_dir = Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    if not first:
+        return run_dir, None
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
             raise UserError("already holds files of another run; use --resume to continue it or "
@@ -107,13 +114,42 @@ def check_resume_compatible(cfg: TrainConfig, args: ModelArgs, checkpoint: Path)
                             "exact resume needs the same data order", file=checkpoint / ckpt.STATE_FILE, field=key)
 
 
-def pretrain(cfg: TrainConfig, resume: str | bool | None = None, overwrite: bool = False, log=print) -> Path:
+@contextlib.contextmanager
+def first_process_first(group):
+    """Process 0 runs the block (writing shared files) before the others read what it wrote."""
     import mlx.core as mx
 
-    from .data import PackedBatches, eval_batches, tokenize_split
+    def barrier():
+        mx.eval(mx.distributed.all_sum(mx.array(0.0), group=group))
+
+    if group.size() > 1 and group.rank() != 0:
+        barrier()
+    yield
+    if group.size() > 1 and group.rank() == 0:
+        barrier()
+
+
+class _NoTokenizer:
+    bos_id, eos_id, pad_id = None, None, None
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A run directory with its settings, tokenizer and tokenized splits, ready to train."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    resume_from: Path | None
+    tokenizer: Any
+    args: ModelArgs
+    splits: dict[str, Any]
+
+
+def prepare(cfg: TrainConfig, resume, overwrite: bool, rank: int, log) -> Prepared:
+    from .data import tokenize_split
     from .tokenizer import load_tokenizer, train_tokenizer
 
-    run_dir, resume_from = prepare_run_dir(cfg, resume, overwrite)
+    run_dir, resume_from = prepare_run_dir(cfg, resume, overwrite, first=rank == 0)
     if resume_from is not None:  # the run's own settings win over the defaults
         saved = ckpt.read_trainer_state(resume_from)["config"]
         cfg = dataclasses.replace(TrainConfig(**saved), iters=cfg.iters, max_time=cfg.max_time)
@@ -131,21 +167,47 @@ def pretrain(cfg: TrainConfig, resume: str | bool | None = None, overwrite: bool
     args = model_args_for(cfg, tokenizer.vocab_size, tokenizer)
     if resume_from is not None:
         check_resume_compatible(cfg, args, resume_from)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-
+    if rank == 0:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     splits = {s: tokenize_split(cfg.data, s, tokenizer, log=log) for s in ("train", "val")}
     try:
         splits["test"] = tokenize_split(cfg.data, "test", tokenizer, log=log)
     except UserError:
         log("no test split: evaluating on val only")
-    batches = PackedBatches(splits["train"].tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
-    log(f"data: {len(splits['train'].tokens):,} training tokens = {batches.num_windows:,} windows of {cfg.seq_len}")
+    return Prepared(cfg, run_dir, resume_from, tokenizer, args, splits)
 
-    mx.random.seed(cfg.seed)
-    model = init_weights(Model(args), seed=cfg.seed)
+
+def pretrain(cfg: TrainConfig, resume: str | bool | None = None, overwrite: bool = False, reshard: bool = False,
+             log=print) -> Path:
+    """Pretrain from scratch (or resume); under `mlx.launch`, data-parallel. Returns out/final."""
+    import mlx.core as mx
+
+    from .data import PackedBatches, eval_batches
+    from .train import RankShard
+
+    group = mx.distributed.init()
+    rank, world = group.rank(), group.size()
+    if world > 1:
+        if not cfg.out and not isinstance(resume, str):
+            raise UserError("a data-parallel run needs an output directory all processes agree on", field="--out")
+        if rank != 0:
+            log = lambda *_: None  # noqa: E731  (process 0 speaks for the run)
+    if not resume:  # catch an impossible --seq-len before anything is written
+        model_args_for(cfg, load_preset(cfg.preset).vocab_size, _NoTokenizer())
+    with first_process_first(group):
+        run = prepare(cfg, resume, overwrite, rank, log)
+    cfg, splits, tokenizer = run.cfg, run.splits, run.tokenizer
+
+    batches = PackedBatches(splits["train"].tokens, cfg.batch_size * world, cfg.seq_len, seed=cfg.seed)
+    log(f"data: {len(splits['train'].tokens):,} training tokens = {batches.num_windows:,} windows of {cfg.seq_len}")
+    if world > 1:
+        log(f"data parallel: {world} processes x batch {cfg.batch_size} = global batch {cfg.batch_size * world}")
+        batches = RankShard(batches, rank, world)
+
+    model = init_weights(Model(run.args), seed=cfg.seed)
     trainer = Trainer(model, cfg)
     log(f"model: {model.num_parameters():,} parameters; training {cfg.iters} steps of "
-        f"{cfg.batch_size * cfg.grad_accum} x {cfg.seq_len} tokens in {cfg.dtype}")
+        f"{cfg.batch_size * cfg.grad_accum * world} x {cfg.seq_len} tokens (global) in {cfg.dtype}")
 
     def run_evaluation(split: str, max_batches: int | None) -> dict[str, float]:
         data = splits[split]
@@ -158,12 +220,13 @@ def pretrain(cfg: TrainConfig, resume: str | bool | None = None, overwrite: bool
 
     task = Task(train_batches=batches, evaluate=run_evaluation,
                 save_weights=lambda d: ckpt.write_model(model, tokenizer, d),
-                load_weights=load_weights, flops_per_token=flops_per_token(args, cfg.seq_len)["train_step"],
+                load_weights=load_weights, flops_per_token=flops_per_token(run.args, cfg.seq_len)["train_step"],
                 splits_at_end=tuple(s for s in ("val", "test") if s in splits),
                 samples=lambda: greedy_samples(model, tokenizer))
-    final = fit(trainer, task, run_dir, resume_from, log=log, peak_flops=peak_flops())
-    summary = {e["split"]: {k: e[k] for k in ("loss", "ppl", "bpb")} for e in _final_evals(run_dir)}
-    (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
+    final = fit(trainer, task, run.run_dir, run.resume_from, log=log, peak_flops=peak_flops(), reshard=reshard)
+    if rank == 0:
+        summary = {e["split"]: {k: e[k] for k in ("loss", "ppl", "bpb")} for e in _final_evals(run.run_dir)}
+        (run.run_dir / "results.json").write_text(json.dumps(summary, indent=2))
     log(f"done: {final}")
     return final
 

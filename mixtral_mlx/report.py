@@ -20,6 +20,8 @@ class Reporter:
         self.run_dir, self.enabled = Path(run_dir), enabled
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.metrics_file = self.run_dir / "metrics.jsonl"
+        if enabled:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                         disable=not enabled, file=sys.stderr, mininterval=0.5)
         self.wandb = None
@@ -139,7 +141,8 @@ def plot_run(run_dir: Path) -> list[Path]:
                 ax.axis("off")
                 continue
             im = ax.imshow(load[:, i, :].T, aspect="auto", cmap="viridis", vmin=0, vmax=max(2.0 / E, load.max()),
-                           extent=(loads[0][0], loads[-1][0], E - 0.5, -0.5), interpolation="nearest")
+                           extent=(loads[0][0], max(loads[-1][0], loads[0][0] + 1), E - 0.5, -0.5),
+                           interpolation="nearest")
             ax.set_title(f"layer {i}")
             ax.set_xlabel("step")
             ax.set_ylabel("expert")

@@ -136,12 +136,19 @@ def expert_counts(router_logits: mx.array, top_k: int) -> mx.array:
 # ---------------------------------------------------------------------- the trainer
 @dataclass
 class StepResult:
+    """One optimizer step, summed over every process of a data-parallel run."""
+
     loss: float  # mean cross-entropy per token
     aux: float
     z: float
     grad_norm: float
     tokens: int
     expert_counts: np.ndarray  # (layers, E)
+    stop: bool = False  # some process asked to stop (Ctrl-C / SIGTERM)
+
+
+# Flags the processes of a run exchange before each gradient all-reduce.
+STOP, FAILED = 1, 1 << 16
 
 
 class Trainer:
@@ -157,6 +164,10 @@ class Trainer:
         self.optimizer.init(self.master)
         self._cast_into_model()
         self.step = 0
+        # Data parallelism: under `mlx.launch` every process computes gradients on its own
+        # shard of the global batch and they are summed; alone, the group has size 1.
+        self.group = mx.distributed.init()
+        self.world, self.rank = self.group.size(), self.group.rank()
         self._grad_fn = self._compile_grad()
         self._update_fn = self._compile_update()
 
@@ -174,8 +185,10 @@ class Trainer:
             (_, parts), grads = value_and_grad(batch, n_tokens, n_micro)
             return parts, grads
 
-        # The model's parameters and the random state are read inside: capture them.
-        return mx.compile(grad_step, inputs=[model.state, mx.random.state], outputs=[mx.random.state])
+        # The model's parameters and the random state are read inside: capture them. The
+        # model is an output too: value_and_grad swaps its parameters while tracing.
+        state = [model.state, mx.random.state]
+        return mx.compile(grad_step, inputs=state, outputs=state)
 
     def _compile_update(self):
         optimizer, clip = self.optimizer, self.cfg.grad_clip
@@ -187,24 +200,60 @@ class Trainer:
 
         return mx.compile(update, inputs=[optimizer.state], outputs=[optimizer.state])
 
-    def train_step(self, micro_batches: list[dict[str, np.ndarray]]) -> StepResult:
-        """One optimizer step over `grad_accum` micro-batches."""
-        n_tokens = sum(float(b["mask"].sum()) for b in micro_batches)
+    def train_step(self, micro_batches: list[dict[str, np.ndarray]], stop_requested: bool = False) -> StepResult:
+        """One optimizer step over this process's `grad_accum` micro-batches (and its peers')."""
+        local_tokens = sum(float(b["mask"].sum()) for b in micro_batches)
+        n_tokens, flags = self.agree(local_tokens, STOP if stop_requested else 0)
+        if flags >= FAILED:
+            raise UserError("another process of this data-parallel run failed; stopping all")
         if n_tokens == 0:
             raise UserError("a batch has no tokens to learn from (all masked)", field="data")
-        k = len(micro_batches)
+        k = len(micro_batches) * self.world
+        # Randomness inside the step (router jitter, dropout) comes from a key derived from
+        # (seed, step, rank), so a resumed run draws exactly what the uninterrupted run drew.
+        mx.random.seed((self.cfg.seed * 1_000_003 + self.step) * 64 + self.rank)
         n, n_micro = mx.array(n_tokens, dtype=mx.float32), mx.array(k, dtype=mx.float32)
-        grads, ce, aux, z, counts = None, 0.0, 0.0, 0.0, 0
+        grads, totals = None, mx.zeros(3)
+        counts = 0
         for batch in micro_batches:
             (ce_sum, a, zz, c), g = self._grad_fn({key: mx.array(v) for key, v in batch.items()}, n, n_micro)
             grads = g if grads is None else tree_map(mx.add, grads, g)
-            mx.eval(grads, ce_sum, a, zz, c)  # bound memory to one micro-batch's activations
-            ce, aux, z, counts = ce + ce_sum.item(), aux + a.item(), z + zz.item(), counts + np.array(c)
+            totals = totals + mx.stack([ce_sum, a, zz])
+            counts = counts + c
+            mx.eval(grads, totals, counts)  # bound memory to one micro-batch's activations
+        if self.world > 1:
+            grads, totals, counts = self._all_sum((grads, totals, counts))
         self.master, norm = self._update_fn(grads, self.master)
         self._cast_into_model()
         mx.eval(self.master, self.optimizer.state, self.model.parameters())
         self.step += 1
-        return StepResult(ce / n_tokens, aux / k, z / k, norm.item(), int(n_tokens), counts)
+        ce, aux, z = totals.tolist()
+        return StepResult(ce / n_tokens, aux / k, z / k, norm.item(), int(n_tokens), np.array(counts),
+                          stop=flags > 0)
+
+    # ------------------------------------------------------------------ data parallelism
+    def agree(self, tokens: float, flags: int) -> tuple[float, int]:
+        """Sum (tokens, flags) over the processes: one small all-reduce; identity when alone."""
+        if self.world == 1:
+            return tokens, flags
+        out = mx.distributed.all_sum(mx.array([tokens, float(flags)]), group=self.group).tolist()
+        return out[0], int(out[1])
+
+    def fail(self) -> None:
+        """Tell the peers this process is going down, so none waits for it forever."""
+        if self.world > 1:
+            self.agree(0.0, FAILED)
+
+    def _all_sum(self, tree):
+        """Sum a tree of arrays over the processes in one all-reduce of a flat buffer."""
+        leaves = tree_flatten(tree)
+        flat = mx.concatenate([v.reshape(-1).astype(mx.float32) for _, v in leaves])
+        flat = mx.distributed.all_sum(flat, group=self.group)
+        out, offset = [], 0
+        for name, v in leaves:
+            out.append((name, flat[offset:offset + v.size].reshape(v.shape).astype(v.dtype)))
+            offset += v.size
+        return tree_unflatten(out)
 
     @property
     def lr(self) -> float:
@@ -285,21 +334,45 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+class RankShard:
+    """This process's rows of every global batch: rank r of w takes rows r, r+w, r+2w, ...
+
+    Strided rows, so a global batch of b*w rows built by one process is split exactly as
+    one process training on all of it would see it. The data position is the global one.
+    """
+
+    def __init__(self, batches, rank: int, world: int):
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return {k: v[self.rank :: self.world] for k, v in next(self.batches).items()}
+
+    def state(self) -> dict:
+        return self.batches.state()
+
+    def load_state(self, state: dict) -> None:
+        self.batches.load_state(state)
+
+
 class Interrupted(KeyboardInterrupt):
     """Raised after the checkpoint is saved; the CLI exits 130."""
 
 
 def fit(trainer: Trainer, task: Task, run_dir: Path, resume_from: Path | None = None,
-        is_main: bool = True, log: Callable[[str], None] = print, peak_flops: float = 0.0) -> Path:
-    """Train until `iters` (or `max_time`), evaluating, saving and reporting; returns out/final."""
+        log: Callable[[str], None] = print, peak_flops: float = 0.0, reshard: bool = False) -> Path:
+    """Train until `iters` (or `max_time`), evaluating, saving and reporting; returns out/final.
+
+    In a data-parallel run only process 0 writes checkpoints, logs, plots and the bar.
+    """
     from . import checkpoint as ckpt
     from .report import Reporter, plot_run
 
-    cfg, run_dir = trainer.cfg, Path(run_dir)
+    cfg, run_dir, is_main = trainer.cfg, Path(run_dir), trainer.rank == 0
     state = {"tokens_seen": 0, "elapsed": 0.0, "evals": []}
     if resume_from is not None:
-        state = restore(trainer, task, resume_from)
-        log(f"resumed from {resume_from} at step {trainer.step}")
+        state = restore(trainer, task, resume_from, reshard)
+        if is_main:
+            log(f"resumed from {resume_from} at step {trainer.step}")
     reporter = Reporter(run_dir, cfg.iters, trainer.step, task.flops_per_token, peak_flops, enabled=is_main,
                         wandb_project=cfg.wandb, config=asdict(cfg))
     reporter.truncate(trainer.step)
@@ -308,12 +381,10 @@ def fit(trainer: Trainer, task: Task, run_dir: Path, resume_from: Path | None = 
         if not is_main:
             return
         full = {**state, "step": trainer.step, "config": asdict(cfg), "model": trainer.model.args.to_hf(),
-                "data": task.train_batches.state(), **task.extra_state}
+                "data": task.train_batches.state(), "world_size": trainer.world, **task.extra_state}
         with ckpt.atomic_directory(directory) as tmp:
             task.save_weights(tmp)
-            arrays = {f"optimizer.{k}": v for k, v in trainer.optimizer_arrays().items()}
-            arrays["rng"] = mx.random.state[0]
-            mx.save_safetensors(str(tmp / ckpt.OPTIMIZER_FILE), arrays)
+            mx.save_safetensors(str(tmp / ckpt.OPTIMIZER_FILE), trainer.optimizer_arrays())
             if trainer.compute_dtype != mx.float32:
                 mx.save_safetensors(str(tmp / ckpt.MASTER_FILE), trainer.master_arrays())
             (tmp / ckpt.STATE_FILE).write_text(json.dumps(full, indent=1))
@@ -343,9 +414,13 @@ def fit(trainer: Trainer, task: Task, run_dir: Path, resume_from: Path | None = 
             if cfg.max_time is not None and time.perf_counter() - start >= 60 * cfg.max_time:
                 reporter.message(f"--max-time {cfg.max_time} min reached at step {trainer.step}")
                 break
-            micro = [next(task.train_batches) for _ in range(cfg.grad_accum)]
+            try:
+                micro = [next(task.train_batches) for _ in range(cfg.grad_accum)]
+            except BaseException:
+                trainer.fail()
+                raise
             t0 = time.perf_counter()
-            result = trainer.train_step(micro)
+            result = trainer.train_step(micro, stop_requested=stop.signal is not None)
             dt = time.perf_counter() - t0
             if not (math.isfinite(result.loss) and math.isfinite(result.grad_norm)):
                 latest = ckpt.latest_checkpoint(run_dir)
@@ -364,11 +439,12 @@ def fit(trainer: Trainer, task: Task, run_dir: Path, resume_from: Path | None = 
             reporter.step(record)
             if trainer.step % cfg.eval_every == 0:
                 run_eval()
-            if stop.signal is not None:
+            if result.stop:  # every process sees the same flag and stops at the same step
                 save(ckpt.step_dir(run_dir, trainer.step), pointer=True)
                 reporter.close()
-                log(f"stopped by signal {stop.signal} at step {trainer.step}; saved "
-                    f"{ckpt.step_dir(run_dir, trainer.step)} (resume with --resume {run_dir})")
+                if is_main:
+                    log(f"stopped at step {trainer.step}; saved {ckpt.step_dir(run_dir, trainer.step)} "
+                        f"(resume with --resume {run_dir})")
                 raise Interrupted
             if trainer.step % cfg.save_every == 0:
                 save(ckpt.step_dir(run_dir, trainer.step), pointer=True)
@@ -379,15 +455,18 @@ def fit(trainer: Trainer, task: Task, run_dir: Path, resume_from: Path | None = 
     return final
 
 
-def restore(trainer: Trainer, task: Task, directory: Path) -> dict:
-    """Load weights, optimizer, RNG and data position from a checkpoint; returns its state dict."""
+def restore(trainer: Trainer, task: Task, directory: Path, reshard: bool = False) -> dict:
+    """Load weights, optimizer state and data position from a checkpoint; returns its state dict."""
     from . import checkpoint as ckpt
 
     state = ckpt.read_trainer_state(directory)
+    saved_world = state.get("world_size", 1)
+    if saved_world != trainer.world and not reshard:
+        raise UserError(f"this run was saved by {saved_world} process(es) and is resumed by {trainer.world}: the "
+                        "data order would differ; pass --reshard to continue from the saved data position anyway",
+                        file=directory / ckpt.STATE_FILE, field="world_size")
     task.load_weights(directory)
-    arrays = mx.load(str(directory / ckpt.OPTIMIZER_FILE))
-    mx.random.state[0] = arrays.pop("rng")
-    trainer.load_optimizer_arrays({k[len("optimizer."):]: v for k, v in arrays.items()})
+    trainer.load_optimizer_arrays(mx.load(str(directory / ckpt.OPTIMIZER_FILE)))
     if (directory / ckpt.MASTER_FILE).exists():
         trainer.load_master_arrays(mx.load(str(directory / ckpt.MASTER_FILE)))
     else:  # float32 runs: the saved weights are the master weights
