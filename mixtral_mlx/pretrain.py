@@ -46,13 +46,19 @@ def resolve_config(flags: dict[str, Any], yaml_path: str | None = None) -> Train
     """Preset defaults < YAML file < flags (flags that were not given are None and ignored)."""
     from_yaml = read_yaml(yaml_path) if yaml_path else {}
     preset = flags.get("preset") or from_yaml.get("preset") or TrainConfig.preset
-    values = dict(read_preset(preset).get("train", {}))
-    values["preset"] = preset
+    defaults = {**read_preset(preset).get("train", {}), "preset": preset}
+    return layer_settings(TrainConfig, defaults, from_yaml, yaml_path, flags)
+
+
+def layer_settings(config_class: type[TrainConfig], defaults: dict[str, Any], from_yaml: dict[str, Any],
+                   yaml_path: str | None, flags: dict[str, Any]) -> TrainConfig:
+    """defaults < YAML values < flags given (not None), validated; errors name the file or the flag."""
+    values = dict(defaults)
     if from_yaml:
-        TrainConfig.from_dict(from_yaml, source=str(yaml_path))  # names an unknown key in the file
+        config_class.from_dict(from_yaml, source=str(yaml_path))  # names an unknown key in the file
         values.update(from_yaml)
     values.update({k: v for k, v in flags.items() if v is not None})
-    cfg = TrainConfig.from_dict(values, source=str(yaml_path or "flags"))
+    cfg = config_class.from_dict(values, source=str(yaml_path or "flags"))
     return cfg.validate(str(yaml_path) if yaml_path else "flags")
 
 

@@ -13,9 +13,9 @@ import sys
 
 from .. import blas as _blas  # noqa: F401  (imports the package, which preloads OpenBLAS before mlx)
 from ..errors import UserError
-from . import evaluate, info, pretrain
+from . import evaluate, finetune, fuse, info, pretrain
 
-COMMANDS = [info, pretrain, evaluate]
+COMMANDS = [info, pretrain, finetune, fuse, evaluate]
 
 
 class Parser(argparse.ArgumentParser):
