@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -28,7 +27,7 @@ METHODS = ("lora", "dora", "full", "esft")
 PAD_TO = 32  # training batches pad to a multiple of this: fewer shapes for the compiled step to trace
 ADAPTER_METHODS = ("lora", "dora", "esft")
 # Full and expert fine-tuning move pretrained weights themselves: a smaller step than an adapter's.
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"full": {"lr": 1e-4, "min_lr": 1e-5}, "esft": {"lr": 1e-4, "min_lr": 1e-5}}
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {method: {"lr": 1e-4, "min_lr": 1e-5} for method in ("full", "esft")}
 
 
 @dataclass
@@ -66,8 +65,9 @@ class FinetuneConfig(TrainConfig):
         super().validate(source)
 
         def fail(name: str, why: str) -> UserError:
-            flags = source == "flags"
-            return UserError(why, file=None if flags else source, field=f"--{name.replace('_', '-')}" if flags else name)
+            if source == "flags":
+                return UserError(why, field=f"--{name.replace('_', '-')}")
+            return UserError(why, file=source, field=name)
 
         if not self.base_model:
             raise fail("model" if source == "flags" else "base_model", "needs the model to fine-tune")
@@ -253,136 +253,66 @@ def exact_match(model, tokenizer, examples: Sequence, max_tokens: int = 32, prog
     return {"exact_match": correct / max(len(rows), 1), "correct": correct, "total": len(rows), "rows": rows}
 
 
-# ---------------------------------------------------------------------- the run
-def finetune(cfg: FinetuneConfig, resume: str | bool | None = None, overwrite: bool = False, log=print) -> Path:
-    import mlx.core as mx
+# ---------------------------------------------------------------------- the methods
+@dataclass
+class Method:
+    """What a fine-tuning method trains, and what its checkpoints hold."""
 
-    from .info import flops_per_token
-    from .lora import (adapter_arrays, apply_lora, load_arrays_checked, lora_adapter_config, read_adapter_arrays,
-                       read_adapter_config, save_adapter, from_mlx_lm_name)
-    from .pretrain import peak_flops
+    counts: dict[str, int]  # trainable parameters per group
+    title: str
+    save: Callable[[Path], None]  # write the checkpoint's weights (an adapter or a model)
+    load: Callable[[Path], None]  # read them back on resume
+    state: dict[str, Any] = dataclasses.field(default_factory=dict)  # kept in trainer_state.json
+    files: dict[str, str] = dataclasses.field(default_factory=dict)  # run files to write (name -> text)
 
-    run_dir = resume_from = None
-    if resume:  # the run's own settings win over the defaults
-        run_dir, resume_from = prepare_run_dir(cfg, resume, overwrite)
-        saved = ckpt.read_trainer_state(resume_from)["config"]
-        cfg = dataclasses.replace(FinetuneConfig(**saved), iters=cfg.iters, max_time=cfg.max_time)
-    mx.reset_peak_memory()
-    model, tokenizer = load_base(cfg, log)
-    if cfg.seq_len > model.args.max_position_embeddings:  # the default, for a model of shorter context
-        cfg = dataclasses.replace(cfg, seq_len=model.args.max_position_embeddings)
-    data = load_data(cfg, tokenizer, log)
-    if resume_from is not None:
-        check_resume_compatible(cfg, model.args, resume_from)
 
-    mx.random.seed(cfg.seed)
-    total = model.num_parameters()
-    if cfg.quantize:
-        from .quantize import quantize_model
+def lora_method(cfg: FinetuneConfig, model, **_) -> Method:
+    """LoRA / DoRA (QLoRA when the base was quantized): adapters on the targets, the rest frozen."""
+    from .lora import (adapter_arrays, apply_lora, from_mlx_lm_name, load_arrays_checked, lora_adapter_config,
+                       read_adapter_arrays, save_adapter)
 
-        quantize_model(model, group_size=cfg.group_size, bits=cfg.quantize)
-        log(f"quantized the frozen base to {cfg.quantize} bits (group size {cfg.group_size})")
-    extra: dict[str, Any] = {}
-    if cfg.method in ("lora", "dora"):
-        lcfg = cfg.lora()
-        counts = apply_lora(model, lcfg)
-        layers = len(model.layers) if lcfg.num_layers is None else lcfg.num_layers
-        title = (f"trainable parameters ({cfg.method.upper()}{' on a quantized base' if cfg.quantize else ''}, "
-                 f"rank {lcfg.rank}, alpha {lcfg.alpha:g}, {layers} of {len(model.layers)} layers):")
-    elif cfg.method == "full":
-        model.unfreeze()
-        counts, title = _full_counts(model), "trainable parameters (full fine-tune):"
-    if run_dir is None:
-        run_dir, _ = prepare_run_dir(cfg, None, overwrite)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-    if cfg.method == "esft":
-        counts, extra = _setup_esft(model, tokenizer, cfg, data, run_dir, resume_from, log)
-        title = f"trainable parameters (ESFT, {cfg.esft_score} score, threshold {extra['threshold']:g}):"
-    for line in trainable_report(counts, total, title):
-        log(line)
+    lcfg = cfg.lora()
+    counts = apply_lora(model, lcfg)
+    layers = len(model.layers) if lcfg.num_layers is None else lcfg.num_layers
+    title = (f"trainable parameters ({cfg.method.upper()}{' on a quantized base' if cfg.quantize else ''}, "
+             f"rank {lcfg.rank}, alpha {lcfg.alpha:g}, {layers} of {len(model.layers)} layers):")
 
-    trainer = Trainer(model, cfg)
-    model.train()
-
-    def run_evaluation(split: str, max_batches: int | None) -> dict[str, float]:
-        model.eval()
-        nats, tokens = evaluate(model, data.evals[split].eval_batches(max_batches))
-        model.train()
-        n_bytes, all_tokens = data.target_bytes[split]
-        return eval_metrics(nats, tokens, n_bytes * tokens / max(all_tokens, 1))
-
-    def save_weights(directory: Path) -> None:
-        if cfg.method == "full":
-            ckpt.write_model(model, tokenizer, directory)
-        elif cfg.method == "esft":
-            from .esft import expert_arrays
-
-            save_adapter(expert_arrays(model), extra["adapter_config"], model, directory)
-        else:
-            save_adapter(adapter_arrays(model), lora_adapter_config(lcfg, model), model, directory)
-
-    def load_weights(directory: Path) -> None:
-        if cfg.method == "full":
-            ckpt.load_weights_into(model, ckpt.read_weights(directory), directory, cfg.dtype)
-            return
+    def load(directory: Path) -> None:
         arrays = {from_mlx_lm_name(k): v for k, v in read_adapter_arrays(directory).items()}
-        if cfg.method == "esft":
-            from .esft import load_expert_arrays
+        load_arrays_checked(model, arrays, directory)
 
-            load_expert_arrays(model, arrays, directory)
-        else:
-            load_arrays_checked(model, arrays, directory)
-
-    fpt = flops_per_token(model.args, cfg.seq_len)
-    # A frozen weight needs no weight gradient: forward + input gradient is about 2 forwards.
-    step_flops = fpt["train_step"] if cfg.method == "full" else 2 * fpt["forward"]
-    task = Task(train_batches=data.train, evaluate=run_evaluation, save_weights=save_weights,
-                load_weights=load_weights, flops_per_token=step_flops,
-                splits_at_end=tuple(data.evals), samples=lambda: answer_samples(model, tokenizer, data),
-                extra_state={"finetune": {"method": cfg.method, "trainable": counts,
-                                          **({"esft": extra["adapter_config"]["esft"]} if extra else {})}})
-    if resume_from is None:
-        record_baseline(run_dir, run_evaluation("val", None), log)
-    before, start_step = snapshot(model), trainer.step
-    final = fit(trainer, task, run_dir, resume_from, log=log, peak_flops=peak_flops())
-    if cfg.method in ADAPTER_METHODS and trainer.step > start_step and resume_from is None:
-        check_moved(before, model, trainer.step - start_step, log)
-    results = _results(run_dir, cfg, counts, total)
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    log(f"done: {final} ({'load it with --adapter' if cfg.method != 'full' else 'a full model: load it with --model'})")
-    return final
+    return Method(counts, title, lambda d: save_adapter(adapter_arrays(model), lora_adapter_config(lcfg, model),
+                                                        model, d), load)
 
 
-def record_baseline(run_dir: Path, metrics: dict[str, float], log=print) -> None:
-    """The validation loss before any training, as a step-0 evaluation in metrics.jsonl."""
-    record = {"kind": "eval", "split": "val", "step": 0, "tokens_seen": 0, **metrics}
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-    log(f"before fine-tuning: val loss {metrics['loss']:.4f}, ppl {metrics['ppl']:.2f}")
-
-
-def _full_counts(model) -> dict[str, int]:
+def full_method(cfg: FinetuneConfig, model, tokenizer, **_) -> Method:
+    """Every weight trains; a checkpoint is a whole model."""
     from mlx.utils import tree_flatten
 
     from .lora import target_of
 
+    model.unfreeze()
     counts: dict[str, int] = {}
     for name, v in tree_flatten(model.trainable_parameters()):
-        group = {"w1": "experts", "w2": "experts", "w3": "experts"}.get(target_of(name) or "", target_of(name))
+        target = target_of(name)
+        group = "experts" if target in ("w1", "w2", "w3") else target
         group = group or ("embeddings" if "embed" in name or "lm_head" in name else "norms")
         counts[group] = counts.get(group, 0) + v.size
-    return counts
+    return Method(counts, "trainable parameters (full fine-tune):",
+                  lambda d: ckpt.write_model(model, tokenizer, d),
+                  lambda d: ckpt.load_weights_into(model, ckpt.read_weights(d), d, cfg.dtype))
 
 
-def _setup_esft(model, tokenizer, cfg: FinetuneConfig, data: FinetuneData, run_dir: Path, resume_from: Path | None,
-                log):
-    """Choose the experts (or read the choice back on resume) and make only them trainable."""
+def esft_method(cfg: FinetuneConfig, model, tokenizer, data: "FinetuneData", resume_from: Path | None,
+                log=print, **_) -> Method:
+    """ESFT: score the experts on the training data (or read the choice back on resume), train the chosen."""
     import numpy as np
     from tqdm import tqdm
 
     from .data import FinetuneBatches
-    from .esft import apply_esft, check_threshold, choose_experts, esft_adapter_config, format_choice, route_data
-    from .lora import read_adapter_config
+    from .esft import (apply_esft, check_threshold, choose_experts, esft_adapter_config, expert_arrays,
+                       format_choice, load_expert_arrays, route_data)
+    from .lora import read_adapter_arrays, read_adapter_config, save_adapter
 
     threshold = check_threshold(cfg.esft_score, cfg.esft_threshold)
     if resume_from is not None:
@@ -405,9 +335,94 @@ def _setup_esft(model, tokenizer, cfg: FinetuneConfig, data: FinetuneData, run_d
     for line in format_choice(chosen, scores):
         log(line)
     counts = apply_esft(model, chosen)
-    adapter_config = esft_adapter_config(chosen, cfg.esft_score, threshold, scores)
-    (run_dir / "esft_experts.json").write_text(json.dumps(adapter_config["esft"], indent=1) + "\n")
-    return counts, {"adapter_config": adapter_config, "threshold": threshold}
+    config = esft_adapter_config(chosen, cfg.esft_score, threshold, scores)
+    return Method(counts, f"trainable parameters (ESFT, {cfg.esft_score} score, threshold {threshold:g}):",
+                  lambda d: save_adapter(expert_arrays(model), config, model, d),
+                  lambda d: load_expert_arrays(model, read_adapter_arrays(d), d),
+                  state={"esft": config["esft"]}, files={"esft_experts.json": json.dumps(config["esft"], indent=1)})
+
+
+METHOD_SETUP = {"lora": lora_method, "dora": lora_method, "full": full_method, "esft": esft_method}
+
+
+# ---------------------------------------------------------------------- the run
+def finetune(cfg: FinetuneConfig, resume: str | bool | None = None, overwrite: bool = False, log=print) -> Path:
+    """Fine-tune (or resume); returns out/final: an adapter directory, or a model for --full.
+
+    Everything that can fail on bad input (settings, model, data, targets) is checked
+    before the run directory is created.
+    """
+    import mlx.core as mx
+
+    from .info import flops_per_token
+    from .pretrain import peak_flops
+
+    run_dir = resume_from = None
+    if resume:  # the run's own settings win over the defaults
+        run_dir, resume_from = prepare_run_dir(cfg, resume, overwrite)
+        saved = ckpt.read_trainer_state(resume_from)["config"]
+        cfg = dataclasses.replace(FinetuneConfig(**saved), iters=cfg.iters, max_time=cfg.max_time)
+    mx.reset_peak_memory()
+    model, tokenizer = load_base(cfg, log)
+    if cfg.seq_len > model.args.max_position_embeddings:  # the default, for a model of shorter context
+        cfg = dataclasses.replace(cfg, seq_len=model.args.max_position_embeddings)
+    data = load_data(cfg, tokenizer, log)
+    if resume_from is not None:
+        check_resume_compatible(cfg, model.args, resume_from)
+
+    mx.random.seed(cfg.seed)  # the adapters' initial values
+    total = model.num_parameters()
+    if cfg.quantize:
+        from .quantize import quantize_model
+
+        quantize_model(model, group_size=cfg.group_size, bits=cfg.quantize)
+        log(f"quantized the frozen base to {cfg.quantize} bits (group size {cfg.group_size})")
+    method = METHOD_SETUP[cfg.method](cfg=cfg, model=model, tokenizer=tokenizer, data=data,
+                                      resume_from=resume_from, log=log)
+    for line in trainable_report(method.counts, total, method.title):
+        log(line)
+
+    if run_dir is None:
+        run_dir, _ = prepare_run_dir(cfg, None, overwrite)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    for name, text in method.files.items():
+        (run_dir / name).write_text(text + "\n")
+
+    trainer = Trainer(model, cfg)
+    model.train()
+
+    def run_evaluation(split: str, max_batches: int | None) -> dict[str, float]:
+        model.eval()
+        nats, tokens = evaluate(model, data.evals[split].eval_batches(max_batches))
+        model.train()
+        n_bytes, all_tokens = data.target_bytes[split]
+        return eval_metrics(nats, tokens, n_bytes * tokens / max(all_tokens, 1))
+
+    fpt = flops_per_token(model.args, cfg.seq_len)
+    # A frozen weight needs no weight gradient: forward + input gradient is about 2 forwards.
+    step_flops = fpt["train_step"] if cfg.method == "full" else 2 * fpt["forward"]
+    task = Task(train_batches=data.train, evaluate=run_evaluation, save_weights=method.save,
+                load_weights=method.load, flops_per_token=step_flops, splits_at_end=tuple(data.evals),
+                samples=lambda: answer_samples(model, tokenizer, data),
+                extra_state={"finetune": {"method": cfg.method, "trainable": method.counts, **method.state}})
+    if resume_from is None:
+        record_baseline(run_dir, run_evaluation("val", None), log)
+    before, start_step = snapshot(model), trainer.step
+    final = fit(trainer, task, run_dir, resume_from, log=log, peak_flops=peak_flops())
+    if cfg.method in ADAPTER_METHODS and trainer.step > start_step and resume_from is None:
+        check_moved(before, model, trainer.step - start_step, log)
+    results = _results(run_dir, cfg, method.counts, total)
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    log(f"done: {final} ({'a model: load it with --model' if cfg.method == 'full' else 'load it with --adapter'})")
+    return final
+
+
+def record_baseline(run_dir: Path, metrics: dict[str, float], log=print) -> None:
+    """The validation loss before any training, as a step-0 evaluation in metrics.jsonl."""
+    record = {"kind": "eval", "split": "val", "step": 0, "tokens_seen": 0, **metrics}
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    log(f"before fine-tuning: val loss {metrics['loss']:.4f}, ppl {metrics['ppl']:.2f}")
 
 
 def answer_samples(model, tokenizer, data: FinetuneData, n: int = 2) -> list[tuple[str, str]]:
