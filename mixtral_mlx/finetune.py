@@ -434,17 +434,21 @@ def answer_samples(model, tokenizer, data: FinetuneData, n: int = 2) -> list[tup
 
 
 def _results(run_dir: Path, cfg: FinetuneConfig, counts: dict[str, int], total: int) -> dict[str, Any]:
-    import mlx.core as mx
-
+    """results.json: what trained, how long and in how much memory, and the losses before and after."""
     from .report import read_metrics
 
     records = read_metrics(run_dir / "metrics.jsonl")
     evals = [r for r in records if r.get("kind") == "eval"]
     last = max((r["step"] for r in evals), default=0)
     steps = [r for r in records if r.get("kind") == "train"]
+
+    def losses(step: int) -> dict[str, dict[str, float]]:
+        return {r["split"]: {k: r[k] for k in ("loss", "ppl", "bpb")} for r in evals if r["step"] == step}
+
     return {"method": cfg.method + (f" (QLoRA {cfg.quantize}-bit)" if cfg.quantize else ""),
             "trainable_parameters": sum(counts.values()), "trainable_by_group": counts, "total_parameters": total,
-            "steps": steps[-1]["step"] if steps else 0, "train_seconds": steps[-1]["elapsed"] if steps else 0.0,
-            "peak_memory_gb": mx.get_peak_memory() / 1e9,
-            "val_before": next(({k: r[k] for k in ("loss", "ppl", "bpb")} for r in evals if r["step"] == 0), None),
-            **{r["split"]: {k: r[k] for k in ("loss", "ppl", "bpb")} for r in evals if r["step"] == last}}
+            "steps": steps[-1]["step"] if steps else 0,
+            "train_seconds": sum(r["step_time"] for r in steps),  # the optimizer steps alone
+            "wall_seconds": steps[-1]["elapsed"] if steps else 0.0,  # evaluations and samples included
+            "peak_memory_gb": max((r["peak_memory_gb"] for r in steps), default=0.0),
+            "before": losses(0), **losses(last)}
