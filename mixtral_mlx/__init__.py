@@ -8,6 +8,8 @@ from .config import ModelArgs, load_preset  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .model import Model  # noqa: E402
 from .checkpoint import load, save  # noqa: E402
+from .generate import generate, next_token_logits, stream_generate  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ModelArgs", "Model", "UserError", "load", "load_preset", "save", "__version__"]
+__all__ = ["ModelArgs", "Model", "UserError", "generate", "load", "load_preset", "next_token_logits", "save",
+           "stream_generate", "__version__"]

@@ -41,6 +41,12 @@ class KVCache:
         self.offset = needed
         return self.keys[..., :needed, :], self.values[..., :needed, :]
 
+    def trim(self, n: int) -> int:
+        """Forget the newest n positions (to reuse a cached prefix); returns how many were forgotten."""
+        n = min(n, self.offset)
+        self.offset -= n
+        return n
+
     @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
@@ -97,6 +103,18 @@ class RollingKVCache:
             self.keys = mx.roll(keep_k, shift, axis=2)
             self.values = mx.roll(keep_v, shift, axis=2)
         return all_k, all_v
+
+    def trim(self, n: int) -> int:
+        """Forget the newest n positions; returns how many were forgotten.
+
+        Only before the ring wraps (0 afterwards): once slots are overwritten, the
+        positions the queries after a trimmed prefix would need are gone.
+        """
+        if self.offset > self.window:
+            return 0
+        n = min(n, self.offset)
+        self.offset -= n
+        return n
 
     @property
     def nbytes(self) -> int:

@@ -9,8 +9,11 @@ Two dispatches compute the same function:
 * `gather`: each token runs only its k experts through `mx.gather_mm`, with tokens
   sorted by expert for long inputs: the right choice on a GPU.
 
-`auto` (the default) picks `dense` on the CPU and `gather` elsewhere. Neither waits on
-the host, so both compile and train without a Python loop over experts.
+`auto` (the default) picks `gather` on a GPU, and on the CPU `dense` except for a few
+tokens at a time (decoding), where gathering reads E/k times fewer weights and wins
+(small preset, 2-core CPU: 0.3 ms vs 4.7 ms per layer for one token; the two cross
+near 48 tokens). Neither waits on the host, so both compile and train without a
+Python loop over experts.
 """
 
 from __future__ import annotations
@@ -25,11 +28,16 @@ from .config import ModelArgs
 DISPATCHES = ("auto", "dense", "gather")
 
 
-def resolve_dispatch(dispatch: str) -> str:
+GATHER_BELOW_TOKENS = 32  # `auto` on the CPU gathers for fewer tokens than this
+
+
+def resolve_dispatch(dispatch: str, num_tokens: int | None = None) -> str:
     if dispatch not in DISPATCHES:
         raise ValueError(f"unknown MoE dispatch {dispatch!r}; choose from {DISPATCHES}")
     if dispatch == "auto":
-        return "dense" if mx.default_device() == mx.cpu else "gather"
+        if mx.default_device() != mx.cpu:
+            return "gather"
+        return "gather" if num_tokens is not None and num_tokens < GATHER_BELOW_TOKENS else "dense"
     return dispatch
 
 
@@ -131,7 +139,7 @@ class SparseMoeBlock(nn.Module):
         if self.training and self.jitter > 0:
             x = x * mx.random.uniform(1 - self.jitter, 1 + self.jitter, x.shape, dtype=x.dtype)
         logits, indices, scores = self.route(x)
-        if resolve_dispatch(self.dispatch) == "dense":
+        if resolve_dispatch(self.dispatch, B * L) == "dense":
             y = self.experts.dense(x, scatter_gates(indices, scores, self.num_experts))
         else:
             y = self.experts.gather(x, indices, scores)

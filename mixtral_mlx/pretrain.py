@@ -152,8 +152,8 @@ class Prepared:
 
 
 def prepare(cfg: TrainConfig, resume, overwrite: bool, rank: int, log) -> Prepared:
-    from .data import tokenize_split
-    from .tokenizer import load_tokenizer, train_tokenizer
+    from .data import tokenize_split, train_tokenizer_on
+    from .tokenizer import load_tokenizer
 
     run_dir, resume_from = prepare_run_dir(cfg, resume, overwrite, first=rank == 0)
     if resume_from is not None:  # the run's own settings win over the defaults
@@ -169,7 +169,7 @@ def prepare(cfg: TrainConfig, resume, overwrite: bool, rank: int, log) -> Prepar
         log(f"tokenizer: reusing {tok_dir}")
     else:
         vocab = cfg.vocab_size or load_preset(cfg.preset).vocab_size
-        tokenizer = train_tokenizer(cfg.data, vocab, tok_dir, log=log)
+        tokenizer = train_tokenizer_on(cfg.data, vocab, tok_dir, log=log)
     args = model_args_for(cfg, tokenizer.vocab_size, tokenizer)
     if resume_from is not None:
         check_resume_compatible(cfg, args, resume_from)
@@ -189,7 +189,6 @@ def pretrain(cfg: TrainConfig, resume: str | bool | None = None, overwrite: bool
     import mlx.core as mx
 
     from .data import PackedBatches, eval_batches
-    from .train import RankShard
 
     group = mx.distributed.init()
     rank, world = group.rank(), group.size()
@@ -208,7 +207,7 @@ def pretrain(cfg: TrainConfig, resume: str | bool | None = None, overwrite: bool
     log(f"data: {len(splits['train'].tokens):,} training tokens = {batches.num_windows:,} windows of {cfg.seq_len}")
     if world > 1:
         log(f"data parallel: {world} processes x batch {cfg.batch_size} = global batch {cfg.batch_size * world}")
-        batches = RankShard(batches, rank, world)
+        batches = batches.shard(rank, world)
 
     model = init_weights(Model(run.args), seed=cfg.seed)
     trainer = Trainer(model, cfg)
@@ -248,7 +247,7 @@ def _final_evals(run_dir: Path) -> list[dict]:
 def greedy_samples(model, tokenizer, max_tokens: int = 24) -> list[tuple[str, str]]:
     from .generate import generate
 
-    return [(p, generate(model, tokenizer, p, mode="greedy", max_tokens=max_tokens)) for p in SAMPLE_PROMPTS]
+    return [(p, generate(model, tokenizer, p, mode="greedy", max_tokens=max_tokens).text) for p in SAMPLE_PROMPTS]
 
 
 def peak_flops() -> float:

@@ -334,26 +334,6 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-class RankShard:
-    """This process's rows of every global batch: rank r of w takes rows r, r+w, r+2w, ...
-
-    Strided rows, so a global batch of b*w rows built by one process is split exactly as
-    one process training on all of it would see it. The data position is the global one.
-    """
-
-    def __init__(self, batches, rank: int, world: int):
-        self.batches, self.rank, self.world = batches, rank, world
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        return {k: v[self.rank :: self.world] for k, v in next(self.batches).items()}
-
-    def state(self) -> dict:
-        return self.batches.state()
-
-    def load_state(self, state: dict) -> None:
-        self.batches.load_state(state)
-
-
 class Interrupted(KeyboardInterrupt):
     """Raised after the checkpoint is saved; the CLI exits 130."""
 
@@ -437,7 +417,7 @@ def fit(trainer: Trainer, task: Task, run_dir: Path, resume_from: Path | None = 
                 counts = result.expert_counts
                 record["expert_load"] = (counts / counts.sum(axis=1, keepdims=True)).round(4).tolist()
             reporter.step(record)
-            if trainer.step % cfg.eval_every == 0:
+            if trainer.step % cfg.eval_every == 0 and trainer.step < cfg.iters:  # the last is the final one
                 run_eval()
             if result.stop:  # every process sees the same flag and stops at the same step
                 save(ckpt.step_dir(run_dir, trainer.step), pointer=True)

@@ -81,3 +81,34 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data sets not found at {SHARED_DATA} (set MIXTRAL_MLX_SHARED_DATA)")
     return SHARED_DATA
+
+
+# A little English, with accents, CJK and emoji, for tokenizers trained without the shared data.
+INLINE_TEXT = [
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer.",
+    "The quick brown fox jumps over the lazy dog; the dog sleeps on, and the fox runs home.",
+    "Once upon a time there was a little girl who loved to read stories about dragons.",
+    "Café, naïve, über: accents are bytes too. 日本語のテキスト. Emoji: 😀 🎉 ☃.",
+] * 50
+
+
+@pytest.fixture(scope="session")
+def sp_model(tmp_path_factory) -> Path:
+    """A small SentencePiece model (byte fallback, pad id 3) trained on the spot.
+
+    From the first lines of tinyshakespeare when the shared data is present, else
+    from INLINE_TEXT; either way unknown characters fall back to their UTF-8 bytes.
+    """
+    import itertools
+
+    import sentencepiece as spm
+
+    source = SHARED_DATA / "tinyshakespeare" / "train.jsonl"
+    lines = INLINE_TEXT
+    if source.exists():
+        with open(source, encoding="utf-8") as f:
+            lines = [json.loads(line)["text"] for line in itertools.islice(f, 2000)] + INLINE_TEXT
+    prefix = tmp_path_factory.mktemp("spm") / "tokenizer"
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(prefix), vocab_size=384,
+                                   byte_fallback=True, pad_id=3, minloglevel=2)
+    return prefix.with_suffix(".model")

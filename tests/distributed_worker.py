@@ -12,7 +12,7 @@ import numpy as np
 from mixtral_mlx import Model, load_preset
 from mixtral_mlx.checkpoint import to_hf_weights
 from mixtral_mlx.model import init_weights
-from mixtral_mlx.train import RankShard, TrainConfig, Trainer
+from mixtral_mlx.train import TrainConfig, Trainer
 
 
 class GlobalBatches:
@@ -32,9 +32,10 @@ def main(out: str, global_batch: int, steps: int) -> None:
     # whole batch exactly; it is switched off here (the z-loss is a plain mean and stays on).
     cfg = TrainConfig(iters=steps, warmup=1, lr=2e-3, batch_size=global_batch, aux_loss_coef=0.0)
     trainer = Trainer(init_weights(Model(load_preset("tiny")), seed=0), cfg)
-    batches = RankShard(GlobalBatches(global_batch), trainer.rank, trainer.world)
+    batches, per_rank = GlobalBatches(global_batch), global_batch // trainer.world
     for _ in range(steps):
-        trainer.train_step([next(batches)])
+        batch = next(batches)  # this process's rows of the global batch
+        trainer.train_step([{k: v[trainer.rank * per_rank:(trainer.rank + 1) * per_rank] for k, v in batch.items()}])
     if trainer.rank == 0:
         mx.save_safetensors(out, to_hf_weights(trainer.model))
 

@@ -13,9 +13,9 @@ import sys
 
 from .. import blas as _blas  # noqa: F401  (imports the package, which preloads OpenBLAS before mlx)
 from ..errors import UserError
-from . import evaluate, finetune, fuse, info, pretrain
+from . import data, evaluate, finetune, fuse, generate, info, pretrain, tokenizer
 
-COMMANDS = [info, pretrain, finetune, fuse, evaluate]
+COMMANDS = [info, data, tokenizer, pretrain, finetune, fuse, evaluate, generate]
 
 
 class Parser(argparse.ArgumentParser):
