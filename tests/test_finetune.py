@@ -116,6 +116,12 @@ def test_fuse_equals_model_plus_adapter_and_exact_match(task, tmp_path):
     assert tokenizer is not None
     np.testing.assert_allclose(model_logits(fused, IDS), model_logits(model, IDS), atol=ATOL, rtol=0)
 
+    prompt = ("--prompt", "Ann has a red ball. What colour", "--mode", "greedy", "--max-tokens", "6")
+    adapted = run_cli("generate", "--model", str(task / "model"), "--adapter", str(tmp_path / "run"), *prompt)
+    plain = run_cli("generate", "--model", str(tmp_path / "fused"), *prompt)
+    assert adapted.returncode == 0 and plain.returncode == 0, adapted.stderr + plain.stderr
+    assert adapted.stdout == plain.stdout
+
     r = run_cli("eval", "--model", str(task / "model"), "--adapter", str(tmp_path / "run"), "--data",
                 str(task / "data"), "--split", "test", "--task", "exact-match", "--limit", "4", "--json")
     assert r.returncode == 0, r.stderr
@@ -139,6 +145,30 @@ def test_qlora_fuses_exactly_with_dequantize(task, tmp_path):
     fused, _ = load(tmp_path / "fused")
     assert fused.args.quantization is None
     np.testing.assert_allclose(model_logits(fused, IDS), model_logits(model, IDS), atol=ATOL, rtol=0)
+
+
+def test_exact_match_scores_greedy_answers_to_the_templated_prompt(task, monkeypatch):
+    """What is generated from exactly the training-time prompt, first line, stripped, must equal the answer."""
+    import sys
+
+    from mixtral_mlx.checkpoint import load
+    from mixtral_mlx.data import read_split
+    from mixtral_mlx.finetune import exact_match
+
+    model, tokenizer = load(task / "model")
+    examples = read_split(task / "data", "test")[:4]
+    prompts = {tuple(tokenizer.encode_chat(e.prompt_messages(), add_generation_prompt=True)[0]): e.answer
+               for e in examples}
+    replies = iter([" {} ", "{}", "{}s", "no"])
+
+    def fake_generate(model, tokenizer, prompt, mode, max_tokens, stop):
+        assert mode == "greedy" and stop == ("\n",)
+        return dataclasses.make_dataclass("Result", ["text"])(next(replies).format(prompts[tuple(prompt)]))
+
+    monkeypatch.setattr(sys.modules["mixtral_mlx.generate"], "generate", fake_generate)  # the module, not the function
+    scored = exact_match(model, tokenizer, examples, progress=False)
+    assert (scored["correct"], scored["total"], scored["exact_match"]) == (2, 4, 0.5)
+    assert [r["correct"] for r in scored["rows"]] == [True, True, False, False]
 
 
 # ---------------------------------------------------------------------- ESFT and full

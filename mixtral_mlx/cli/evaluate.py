@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 TASKS = ("loss", "exact-match")
 
@@ -22,7 +23,7 @@ def register(sub) -> None:
     p.add_argument("--max-batches", type=int, default=None, help="evaluate only this many batches")
     p.add_argument("--limit", type=int, default=None, help="exact-match: score only the first N examples")
     p.add_argument("--max-tokens", type=int, default=32, help="exact-match: longest answer to generate")
-    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON (the only line on stdout)")
     p.set_defaults(func=run)
 
 
@@ -66,7 +67,7 @@ def loss(model, tokenizer, args) -> dict:
     if args.seq_len > model.args.max_position_embeddings:
         raise UserError(f"{args.seq_len} is longer than the model's context ({model.args.max_position_embeddings})",
                         field="--seq-len")
-    data = tokenize_split(args.data, args.split, tokenizer)
+    data = tokenize_split(args.data, args.split, tokenizer, log=lambda line: print(line, file=sys.stderr))
     nats, tokens = evaluate(model, eval_batches(data.tokens, args.batch_size, args.seq_len, args.max_batches))
     metrics = eval_metrics(nats, tokens, data.n_bytes * tokens / max(len(data.tokens) - 1, 1))
     return {**metrics, "tokens": tokens}
