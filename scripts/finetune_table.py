@@ -35,13 +35,13 @@ METHODS = {
 }
 
 
-def mixtral_mlx(*args: str) -> subprocess.CompletedProcess:
+def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mixtral_mlx", *args], text=True, stdout=subprocess.PIPE)
 
 
 def exact_match(model: str, data: str, adapter: str | None = None) -> dict:
     args = ["eval", "--model", model, "--data", data, "--split", "test", "--task", "exact-match", "--json"]
-    result = mixtral_mlx(*args, *(["--adapter", adapter] if adapter else []))
+    result = cli(*args, *(["--adapter", adapter] if adapter else []))
     if result.returncode != 0:
         sys.exit(f"eval failed for {adapter or model}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -72,7 +72,7 @@ def main() -> None:
         run = out / name
         if not (run / "results.json").exists():
             start = time.perf_counter()
-            done = mixtral_mlx("finetune", "--model", args.model, "--data", args.data, "--out", str(run),
+            done = cli("finetune", "--model", args.model, "--data", args.data, "--out", str(run),
                                "--overwrite", *flags, *passthrough)
             if done.returncode != 0:
                 sys.exit(f"{name}: finetune failed (exit {done.returncode})")
