@@ -274,7 +274,8 @@ def lora_method(cfg: FinetuneConfig, model, **_) -> Method:
     lcfg = cfg.lora()
     counts = apply_lora(model, lcfg)
     layers = len(model.layers) if lcfg.num_layers is None else lcfg.num_layers
-    title = (f"trainable parameters ({cfg.method.upper()}{' on a quantized base' if cfg.quantize else ''}, "
+    name = {"lora": "LoRA", "dora": "DoRA"}[cfg.method]
+    title = (f"trainable parameters ({name}{f' on a {cfg.quantize}-bit base' if cfg.quantize else ''}, "
              f"rank {lcfg.rank}, alpha {lcfg.alpha:g}, {layers} of {len(model.layers)} layers):")
 
     def load(directory: Path) -> None:
@@ -429,7 +430,7 @@ def answer_samples(model, tokenizer, data: FinetuneData, n: int = 2) -> list[tup
     """Greedy answers to the first few validation prompts: (question, answer) pairs."""
     examples = [e for e in data.examples["val"] if e.answer is not None][:n]
     scored = exact_match(model, tokenizer, examples, progress=False)
-    return [(e.prompt_messages()[-1]["content"][-60:], f"{r['answer']} (expected {r['expected']})")
+    return [(e.prompt_messages()[-1]["content"][-60:], f"{r['answer']!r}, expected {r['expected']!r}")
             for e, r in zip(examples, scored["rows"])]
 
 

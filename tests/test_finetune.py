@@ -231,6 +231,25 @@ def test_finetunes_a_transformers_model_and_transformers_reads_the_fused_one(tas
     np.testing.assert_allclose(hf_logits(reference, IDS), model_logits(ours, IDS), atol=ATOL, rtol=0)
 
 
+def test_settings_layer_method_defaults_yaml_and_flags(tmp_path):
+    from mixtral_mlx import UserError
+    from mixtral_mlx.finetune import resolve_config
+
+    (tmp_path / "ft.yaml").write_text("method: esft\nesft_score: gate\nbatch_size: 2\ntargets: q_proj, w1\n")
+    cfg = resolve_config({"base_model": "m", "batch_size": 3}, str(tmp_path / "ft.yaml"))
+    assert (cfg.method, cfg.esft_score, cfg.batch_size, cfg.lr) == ("esft", "gate", 3, 1e-4)  # esft's own lr
+    assert cfg.targets == ["q_proj", "w1"] and cfg.aux_loss_coef == 0.0
+    assert resolve_config({"base_model": "m", "num_layers": "2"}).lora().num_layers == 2
+    (tmp_path / "bad.yaml").write_text("rank: 0\n")
+    with pytest.raises(UserError, match="bad.yaml: rank: must be a positive integer"):
+        resolve_config({"base_model": "m"}, str(tmp_path / "bad.yaml"))
+    (tmp_path / "typo.yaml").write_text("rnak: 4\n")
+    with pytest.raises(UserError, match="typo.yaml: rnak: unknown setting"):
+        resolve_config({"base_model": "m"}, str(tmp_path / "typo.yaml"))
+    with pytest.raises(UserError, match="--model: needs the model to fine-tune"):
+        resolve_config({})
+
+
 # ---------------------------------------------------------------------- bad input: one line, exit 2, nothing written
 @pytest.mark.parametrize("args, needles", [
     (("--targets", "q_proj,mlp"), ("--targets", "unknown target 'mlp'")),
