@@ -20,7 +20,8 @@ import yaml
 from . import checkpoint as ckpt
 from .errors import UserError
 from .lora import LoRAConfig
-from .pretrain import check_resume_compatible, layer_settings, prepare_run_dir, read_yaml
+from .pretrain import (check_resume_compatible, first_process_first, join_processes, layer_settings, prepare_run_dir,
+                       read_yaml)
 from .train import Task, TrainConfig, Trainer, eval_metrics, evaluate, fit
 
 METHODS = ("lora", "dora", "full", "esft")
@@ -152,7 +153,8 @@ class FinetuneData:
     target_bytes: dict[str, tuple[int, int]]  # split -> (bytes, tokens) of the text the loss counts
 
 
-def load_data(cfg: FinetuneConfig, tokenizer, log=print) -> FinetuneData:
+def load_data(cfg: FinetuneConfig, tokenizer, log=print, rank: int = 0, world: int = 1) -> FinetuneData:
+    """The splits as batches; with `world` processes each trains on its rank's rows of a global batch."""
     from .data import FinetuneBatches, read_split
 
     examples = {"train": read_split(cfg.data, "train"), "val": read_split(cfg.data, "val")}
@@ -161,15 +163,18 @@ def load_data(cfg: FinetuneConfig, tokenizer, log=print) -> FinetuneData:
     except UserError:
         log("no test split: evaluating on val only")
 
-    def batches(split: str, shuffle: bool, pad_to: int = 1):
-        return FinetuneBatches(examples[split], tokenizer, cfg.batch_size, seed=cfg.seed, shuffle=shuffle,
+    def batches(split: str, shuffle: bool, batch_size: int = cfg.batch_size, pad_to: int = 1):
+        return FinetuneBatches(examples[split], tokenizer, batch_size, seed=cfg.seed, shuffle=shuffle,
                                mask_prompt=cfg.mask_prompt, max_seq_len=cfg.seq_len, pad_to=pad_to, log=log)
 
-    train = batches("train", True, PAD_TO)
+    train = batches("train", True, cfg.batch_size * world, PAD_TO)
     evals = {s: batches(s, False) for s in examples if s != "train"}
     log(f"data: {train.num_examples:,} training examples, {train.num_trained_tokens:,} of their "
         f"{train.num_tokens:,} tokens {'are completions the loss counts' if cfg.mask_prompt else 'count'}")
-    return FinetuneData(train, evals, examples, {s: _target_bytes(b, tokenizer) for s, b in evals.items()})
+    if world > 1:
+        log(f"data parallel: {world} processes x batch {cfg.batch_size} = global batch {cfg.batch_size * world}")
+    return FinetuneData(train if world == 1 else train.shard(rank, world), evals, examples,
+                        {s: _target_bytes(b, tokenizer) for s, b in evals.items()})
 
 
 def _target_bytes(batches, tokenizer) -> tuple[int, int]:
@@ -347,17 +352,21 @@ METHOD_SETUP = {"lora": lora_method, "dora": lora_method, "full": full_method, "
 
 
 # ---------------------------------------------------------------------- the run
-def finetune(cfg: FinetuneConfig, resume: str | bool | None = None, overwrite: bool = False, log=print) -> Path:
+def finetune(cfg: FinetuneConfig, resume: str | bool | None = None, overwrite: bool = False, reshard: bool = False,
+             log=print) -> Path:
     """Fine-tune (or resume); returns out/final: an adapter directory, or a model for --full.
 
     Everything that can fail on bad input (settings, model, data, targets) is checked
-    before the run directory is created.
+    before the run directory is created. Under `mlx.launch`, data-parallel: process 0
+    writes the run.
     """
     import mlx.core as mx
 
     from .info import flops_per_token
     from .pretrain import peak_flops
 
+    group, log = join_processes(cfg, resume, log)
+    rank, world = group.rank(), group.size()
     run_dir = resume_from = None
     if resume:  # the run's own settings win over the defaults
         run_dir, resume_from = prepare_run_dir(cfg, resume, overwrite)
@@ -367,7 +376,7 @@ def finetune(cfg: FinetuneConfig, resume: str | bool | None = None, overwrite: b
     model, tokenizer = load_base(cfg, log)
     if cfg.seq_len > model.args.max_position_embeddings:  # the default, for a model of shorter context
         cfg = dataclasses.replace(cfg, seq_len=model.args.max_position_embeddings)
-    data = load_data(cfg, tokenizer, log)
+    data = load_data(cfg, tokenizer, log, rank, world)
     if resume_from is not None:
         check_resume_compatible(cfg, model.args, resume_from)
 
@@ -384,10 +393,12 @@ def finetune(cfg: FinetuneConfig, resume: str | bool | None = None, overwrite: b
         log(line)
 
     if run_dir is None:
-        run_dir, _ = prepare_run_dir(cfg, None, overwrite)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-    for name, text in method.files.items():
-        (run_dir / name).write_text(text + "\n")
+        with first_process_first(group):
+            run_dir, _ = prepare_run_dir(cfg, None, overwrite, first=rank == 0)
+    if rank == 0:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        for name, text in method.files.items():
+            (run_dir / name).write_text(text + "\n")
 
     trainer = Trainer(model, cfg)
     model.train()
@@ -407,13 +418,16 @@ def finetune(cfg: FinetuneConfig, resume: str | bool | None = None, overwrite: b
                 samples=lambda: answer_samples(model, tokenizer, data),
                 extra_state={"finetune": {"method": cfg.method, "trainable": method.counts, **method.state}})
     if resume_from is None:
-        record_baseline(run_dir, run_evaluation("val", None), log)
+        baseline = run_evaluation("val", None)
+        if rank == 0:
+            record_baseline(run_dir, baseline, log)
     before, start_step = snapshot(model), trainer.step
-    final = fit(trainer, task, run_dir, resume_from, log=log, peak_flops=peak_flops())
+    final = fit(trainer, task, run_dir, resume_from, log=log, peak_flops=peak_flops(), reshard=reshard)
     if cfg.method in ADAPTER_METHODS and trainer.step > start_step and resume_from is None:
         check_moved(before, model, trainer.step - start_step, log)
-    results = _results(run_dir, cfg, method.counts, total)
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    if rank == 0:
+        results = _results(run_dir, cfg, method.counts, total)
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     log(f"done: {final} ({'a model: load it with --model' if cfg.method == 'full' else 'load it with --adapter'})")
     return final
 

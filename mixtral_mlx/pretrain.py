@@ -120,6 +120,19 @@ def check_resume_compatible(cfg: TrainConfig, args: ModelArgs, checkpoint: Path)
                             "exact resume needs the same data order", file=checkpoint / ckpt.STATE_FILE, field=key)
 
 
+def join_processes(cfg: TrainConfig, resume, log):
+    """The data-parallel group (size 1 when alone), and a `log` that only process 0 writes to."""
+    import mlx.core as mx
+
+    group = mx.distributed.init()
+    if group.size() > 1:
+        if not cfg.out and not isinstance(resume, str):
+            raise UserError("a data-parallel run needs an output directory all processes agree on", field="--out")
+        if group.rank() != 0:
+            log = lambda *_: None  # noqa: E731  (process 0 speaks for the run)
+    return group, log
+
+
 @contextlib.contextmanager
 def first_process_first(group):
     """Process 0 runs the block (writing shared files) before the others read what it wrote."""
@@ -186,17 +199,10 @@ def prepare(cfg: TrainConfig, resume, overwrite: bool, rank: int, log) -> Prepar
 def pretrain(cfg: TrainConfig, resume: str | bool | None = None, overwrite: bool = False, reshard: bool = False,
              log=print) -> Path:
     """Pretrain from scratch (or resume); under `mlx.launch`, data-parallel. Returns out/final."""
-    import mlx.core as mx
-
     from .data import PackedBatches, eval_batches
 
-    group = mx.distributed.init()
+    group, log = join_processes(cfg, resume, log)
     rank, world = group.rank(), group.size()
-    if world > 1:
-        if not cfg.out and not isinstance(resume, str):
-            raise UserError("a data-parallel run needs an output directory all processes agree on", field="--out")
-        if rank != 0:
-            log = lambda *_: None  # noqa: E731  (process 0 speaks for the run)
     if not resume:  # catch an impossible --seq-len before anything is written
         model_args_for(cfg, load_preset(cfg.preset).vocab_size, _NoTokenizer())
     with first_process_first(group):

@@ -171,6 +171,33 @@ def test_exact_match_scores_greedy_answers_to_the_templated_prompt(task, monkeyp
     assert [r["correct"] for r in scored["rows"]] == [True, True, False, False]
 
 
+def test_two_processes_equal_one_with_the_doubled_batch(task, tmp_path):
+    """Data-parallel fine-tuning under mlx.launch: each process takes its rows of the same global batches."""
+    import os
+    import subprocess
+    import sys
+
+    from test_distributed import LAUNCH
+
+    if LAUNCH is None:
+        pytest.skip("mlx.launch not found")
+    args = ("--iters", "3", "--targets", "q_proj,gate,w2", "--eval-every", "3", "--save-every", "3")
+    one = finetune_cli(task, tmp_path / "one", *args, "--batch-size", "4")
+    assert one.returncode == 0, one.stderr
+    command = [LAUNCH, "-n", "2", "--backend", "ring", sys.executable, "-m", "mixtral_mlx", "finetune", "--model",
+               str(task / "model"), "--data", str(task / "data"), "--out", str(tmp_path / "two"), *QUICK, *args,
+               "--batch-size", "2"]
+    two = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert "data parallel: 2 processes x batch 2 = global batch 4" in two.stdout
+    a = mx.load(str(tmp_path / "one" / "final" / "adapters.safetensors"))
+    b = mx.load(str(tmp_path / "two" / "final" / "adapters.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:  # float32: the all-reduce sums two halves instead of one whole
+        np.testing.assert_allclose(np.array(a[name]), np.array(b[name]), atol=1e-5, err_msg=name)
+
+
 # ---------------------------------------------------------------------- ESFT and full
 def test_esft_trains_only_the_chosen_experts(task, tmp_path):
     from mixtral_mlx.checkpoint import load

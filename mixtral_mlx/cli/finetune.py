@@ -48,6 +48,8 @@ def register(sub) -> None:
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR",
                    help="continue a run from its latest checkpoint (DIR, or --out)")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out directory that holds a run")
+    p.add_argument("--reshard", action="store_true",
+                   help="resume with a different number of processes, continuing from the saved data position")
     p.set_defaults(func=run)
 
 
@@ -56,5 +58,5 @@ def run(args: argparse.Namespace) -> int:
 
     flags = {name: getattr(args, name) for name in (*FLAGS, "base_model", "data", "method", "mask_prompt")}
     cfg = resolve_config(flags, args.config)
-    finetune(cfg, resume=args.resume, overwrite=args.overwrite)
+    finetune(cfg, resume=args.resume, overwrite=args.overwrite, reshard=args.reshard)
     return 0
