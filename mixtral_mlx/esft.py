@@ -28,6 +28,7 @@ from typing import Any, Iterable, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from .errors import UserError
 from .moe import ExpertLinear
@@ -164,8 +165,6 @@ def apply_esft(model, chosen: Sequence[Sequence[int]]) -> dict[str, int]:
         if experts:
             block = _experts_of(layer)
             block.update_modules({p: ExpertSubset(block[p], experts) for p in PROJECTIONS})
-    from mlx.utils import tree_flatten
-
     counts = {p: 0 for p in PROJECTIONS}
     for name, value in tree_flatten(model.trainable_parameters()):
         counts[name.split(".")[-2]] += value.size
@@ -219,21 +218,20 @@ def esft_adapter_config(chosen: Sequence[Sequence[int]], score: str, threshold: 
         "scores": np.round(np.asarray(scores), 6).tolist()}}
 
 
-def apply_esft_adapter(model, config: dict[str, Any], arrays: dict[str, mx.array], directory: Path) -> None:
-    from .lora import ADAPTER_CONFIG, ADAPTER_FILE
-
-    source = directory / ADAPTER_CONFIG
+def apply_esft_adapter(model, config: dict[str, Any], arrays: dict[str, mx.array], config_file: Path,
+                       weights_file: Path) -> None:
+    """Split the model's experts as the adapter's config says and load its trained experts."""
     try:
         chosen = [[int(e) for e in layer] for layer in config["esft"]["experts"]]
     except (KeyError, TypeError, ValueError):
-        raise UserError("needs esft.experts: a list of expert ids per layer", file=source, field="esft.experts") \
-            from None
+        raise UserError("needs esft.experts: a list of expert ids per layer", file=config_file,
+                        field="esft.experts") from None
     E = model.args.num_local_experts
     if len(chosen) != len(model.layers) or any(not 0 <= e < E for layer in chosen for e in layer):
-        raise UserError(f"does not fit this model ({len(model.layers)} layers of {E} experts)", file=source,
+        raise UserError(f"does not fit this model ({len(model.layers)} layers of {E} experts)", file=config_file,
                         field="esft.experts")
     apply_esft(model, chosen)
-    load_expert_arrays(model, arrays, directory / ADAPTER_FILE)
+    load_expert_arrays(model, arrays, weights_file)
 
 
 def format_choice(chosen: Sequence[Sequence[int]], scores: np.ndarray) -> list[str]:

@@ -32,9 +32,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .config import ModelArgs
 from .errors import UserError
-from .esft import ExpertSubset
+from .esft import ExpertSubset, apply_esft_adapter
 from .moe import ExpertLinear
+from .quantize import QuantizedExpertLinear, QuantizedLinear, quantize_model
 
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -151,8 +153,6 @@ class LoRALinear(nn.Module):
         if "bias" in self.linear:
             fused.bias = self.linear.bias
         if is_quantized_layer(self.linear) and not dequantize:
-            from .quantize import QuantizedLinear
-
             return QuantizedLinear.from_linear(fused, self.linear.group_size, self.linear.bits,
                                                mode=getattr(self.linear, "mode", "affine"))
         return fused
@@ -247,8 +247,6 @@ class LoRAExpertLinear(nn.Module):
         fused = ExpertLinear(E, in_dims, out_dims)
         fused.weight = self.fused_weight()
         if is_quantized_layer(self.linear) and not dequantize:
-            from .quantize import QuantizedExpertLinear
-
             return QuantizedExpertLinear.from_float(fused, self.linear.group_size, self.linear.bits,
                                                     mode=getattr(self.linear, "mode", "affine"))
         return fused
@@ -462,8 +460,6 @@ def read_adapter_config(directory: Path) -> dict[str, Any]:
 
 def check_base(config: dict[str, Any], model, source: Path) -> None:
     """The adapter's recorded base config must equal the model's (quantization aside)."""
-    from .config import ModelArgs
-
     recorded = config.get("base_model")
     if recorded is None:  # adapters written by mlx-lm do not record it: the shapes are checked instead
         return
@@ -533,8 +529,6 @@ def prepare_base(model, config: dict[str, Any], source: Path) -> None:
     wanted = config.get("quantization")
     have = model.args.quantization
     if wanted and not have:
-        from .quantize import quantize_model
-
         quantize_model(model, **wanted)
     elif wanted and have and any(have.get(k) != v for k, v in wanted.items()):
         raise UserError(f"the adapter was trained on a base quantized with {wanted}, this model has {have}",
@@ -562,9 +556,7 @@ def load_adapter(model, path: str | Path):
         apply_lora(model, cfg)
         load_arrays_checked(model, arrays, directory / ADAPTER_FILE)
     elif kind == "esft":
-        from .esft import apply_esft_adapter
-
-        apply_esft_adapter(model, config, arrays, directory)
+        apply_esft_adapter(model, config, arrays, source, directory / ADAPTER_FILE)
     else:
         raise UserError(f"unknown fine_tune_type {kind!r} (lora, dora or esft; a full fine-tune is a model, "
                         "load it with --model)", file=source, field="fine_tune_type")
