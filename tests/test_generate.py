@@ -18,15 +18,15 @@ from mixtral_mlx.errors import UserError
 from mixtral_mlx.generate import (GenerationConfig, PromptCache, StopStrings, StreamingDetokenizer,
                                   apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p,
                                   generate_step, make_sampler, stream_generate)
-from mixtral_mlx.tokenizer import Tokenizer
+from mixtral_mlx.tokenizer import SentencePieceTokenizer
 
 ATOL = 1e-4
 PROMPT = "To be, or not to be, that is the question"
 
 
 @pytest.fixture(scope="module")
-def tokenizer(sp_model) -> Tokenizer:
-    return Tokenizer(sp_model)
+def tokenizer(sp_model) -> SentencePieceTokenizer:
+    return SentencePieceTokenizer(sp_model)
 
 
 def make_model_dir(path, sp_model, **overrides):
@@ -285,7 +285,7 @@ def test_generation_stops_at_a_stop_string_and_at_eos(model, tokenizer):
     assert stopped.finish_reason == "stop"
     assert stopped.text == full.text[: full.text.index(stop)]
 
-    class EndsAtFifth(Tokenizer):  # the model's 5th greedy token plays the end-of-sequence token
+    class EndsAtFifth(SentencePieceTokenizer):  # the model's 5th greedy token plays the end-of-sequence token
         eos_id = full.tokens[4]
 
     eos_tokenizer = EndsAtFifth(tokenizer.model_file)

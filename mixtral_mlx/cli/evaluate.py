@@ -67,7 +67,7 @@ def loss(model, tokenizer, args) -> dict:
     if args.seq_len > model.args.max_position_embeddings:
         raise UserError(f"{args.seq_len} is longer than the model's context ({model.args.max_position_embeddings})",
                         field="--seq-len")
-    data = tokenize_split(args.data, args.split, tokenizer, log=lambda line: print(line, file=sys.stderr))
+    data = tokenize_split(args.data, args.split, tokenizer, log=lambda m: print(m, file=sys.stderr))
     nats, tokens = evaluate(model, eval_batches(data.tokens, args.batch_size, args.seq_len, args.max_batches))
     metrics = eval_metrics(nats, tokens, data.n_bytes * tokens / max(len(data.tokens) - 1, 1))
     return {**metrics, "tokens": tokens}
