@@ -112,11 +112,17 @@ class FinetuneConfig(TrainConfig):
                           dora=self.method == "dora")
 
 
-def resolve_config(flags: dict[str, Any], yaml_path: str | None = None) -> FinetuneConfig:
-    """Fine-tuning defaults (per method) < YAML file < flags."""
+def resolve_config(flags: dict[str, Any], yaml_path: str | None = None,
+                   resume: str | bool | None = None) -> FinetuneConfig:
+    """Fine-tuning defaults (per method; a resumed run's own settings) < YAML file < flags."""
     from_yaml = read_yaml(yaml_path) if yaml_path else {}
     method = flags.get("method") or from_yaml.get("method") or FinetuneConfig.method
-    return layer_settings(FinetuneConfig, METHOD_DEFAULTS.get(method, {}), from_yaml, yaml_path, flags)
+    defaults = METHOD_DEFAULTS.get(method, {})
+    if resume:  # the run knows its model and method: `--resume DIR` alone continues it
+        out = flags.get("out") or from_yaml.get("out")
+        _, latest = prepare_run_dir(FinetuneConfig(out=out), resume, overwrite=False)  # reads only
+        defaults = ckpt.read_trainer_state(latest)["config"]
+    return layer_settings(FinetuneConfig, defaults, from_yaml, yaml_path, flags)
 
 
 # ---------------------------------------------------------------------- pieces

@@ -96,7 +96,7 @@ def test_lora_lowers_val_loss_and_resumes_exactly(task, tmp_path):
     shutil.rmtree(run / "step-000008")
     shutil.rmtree(final)
     (run / "latest").write_text("step-000004\n")
-    finetune(resolve_config({**flags, "out": None}), resume=str(run), log=logs.append)
+    finetune(resolve_config({}, resume=str(run)), resume=str(run), log=logs.append)  # the run knows its settings
     assert [r["loss"] for r in metrics(run) if r["kind"] == "train"] == losses
     assert any("resumed from" in line for line in logs)
 
@@ -275,6 +275,8 @@ def test_settings_layer_method_defaults_yaml_and_flags(tmp_path):
         resolve_config({"base_model": "m"}, str(tmp_path / "typo.yaml"))
     with pytest.raises(UserError, match="--model: needs the model to fine-tune"):
         resolve_config({})
+    with pytest.raises(UserError, match="no such run directory to resume"):
+        resolve_config({}, resume=str(tmp_path / "nope"))
 
 
 # ---------------------------------------------------------------------- bad input: one line, exit 2, nothing written

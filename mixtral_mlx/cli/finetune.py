@@ -57,6 +57,6 @@ def run(args: argparse.Namespace) -> int:
     from ..finetune import finetune, resolve_config
 
     flags = {name: getattr(args, name) for name in (*FLAGS, "base_model", "data", "method", "mask_prompt")}
-    cfg = resolve_config(flags, args.config)
+    cfg = resolve_config(flags, args.config, resume=args.resume)
     finetune(cfg, resume=args.resume, overwrite=args.overwrite, reshard=args.reshard)
     return 0
