@@ -54,6 +54,8 @@ TARGETS = {
 }
 DEFAULT_TARGETS = ("q_proj", "v_proj", "gate")
 ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
+# config.json fields that do not change what a model computes; an adapter may differ in them
+TRAINING_ONLY = {"router_aux_loss_coef", "router_jitter_noise", "initializer_range", "quantization"}
 
 
 # ---------------------------------------------------------------------- settings
@@ -465,8 +467,8 @@ def check_base(config: dict[str, Any], model, source: Path) -> None:
         return
     theirs = ModelArgs.from_hf(recorded, source=source).to_hf()
     ours = model.args.to_hf()
-    for key in sorted(set(theirs) | set(ours)):
-        if key != "quantization" and theirs.get(key) != ours.get(key):
+    for key in sorted(set(theirs) | set(ours) - TRAINING_ONLY):
+        if theirs.get(key) != ours.get(key):
             raise UserError(f"the adapter was made for another base model ({key} {theirs.get(key)!r} there, "
                             f"{ours.get(key)!r} in this model)", file=source, field=f"base_model.{key}")
 

@@ -246,6 +246,14 @@ def test_adapter_for_another_base_is_refused(tmp_path, change):
     assert str(tmp_path) in str(e.value)
 
 
+def test_training_only_settings_may_differ(tmp_path):
+    model = tiny_model()
+    cfg = LoRAConfig(targets=("q_proj",))
+    apply_lora(model, cfg)
+    save_adapter(adapter_arrays(model), lora_adapter_config(cfg, model), model, tmp_path)
+    load_adapter(tiny_model(router_aux_loss_coef=0.02, router_jitter_noise=0.1), tmp_path)
+
+
 def test_adapter_with_wrong_shapes_is_refused(tmp_path):
     """Without a recorded base config (as mlx-lm writes them) the tensor shapes are checked."""
     model = tiny_model()
