@@ -467,7 +467,7 @@ def check_base(config: dict[str, Any], model, source: Path) -> None:
         return
     theirs = ModelArgs.from_hf(recorded, source=source).to_hf()
     ours = model.args.to_hf()
-    for key in sorted(set(theirs) | set(ours) - TRAINING_ONLY):
+    for key in sorted((set(theirs) | set(ours)) - TRAINING_ONLY):
         if theirs.get(key) != ours.get(key):
             raise UserError(f"the adapter was made for another base model ({key} {theirs.get(key)!r} there, "
                             f"{ours.get(key)!r} in this model)", file=source, field=f"base_model.{key}")
