@@ -46,13 +46,19 @@ def resolve_config(flags: dict[str, Any], yaml_path: str | None = None) -> Train
     """Preset defaults < YAML file < flags (flags that were not given are None and ignored)."""
     from_yaml = read_yaml(yaml_path) if yaml_path else {}
     preset = flags.get("preset") or from_yaml.get("preset") or TrainConfig.preset
-    values = dict(read_preset(preset).get("train", {}))
-    values["preset"] = preset
+    defaults = {**read_preset(preset).get("train", {}), "preset": preset}
+    return layer_settings(TrainConfig, defaults, from_yaml, yaml_path, flags)
+
+
+def layer_settings(config_class: type[TrainConfig], defaults: dict[str, Any], from_yaml: dict[str, Any],
+                   yaml_path: str | None, flags: dict[str, Any]) -> TrainConfig:
+    """defaults < YAML values < flags given (not None), validated; errors name the file or the flag."""
+    values = dict(defaults)
     if from_yaml:
-        TrainConfig.from_dict(from_yaml, source=str(yaml_path))  # names an unknown key in the file
+        config_class.from_dict(from_yaml, source=str(yaml_path))  # names an unknown key in the file
         values.update(from_yaml)
     values.update({k: v for k, v in flags.items() if v is not None})
-    cfg = TrainConfig.from_dict(values, source=str(yaml_path or "flags"))
+    cfg = config_class.from_dict(values, source=str(yaml_path or "flags"))
     return cfg.validate(str(yaml_path) if yaml_path else "flags")
 
 
@@ -112,6 +118,19 @@ def check_resume_compatible(cfg: TrainConfig, args: ModelArgs, checkpoint: Path)
         if saved["config"].get(key) != getattr(cfg, key):
             raise UserError(f"was {saved['config'].get(key)} in the saved run, now {getattr(cfg, key)}: "
                             "exact resume needs the same data order", file=checkpoint / ckpt.STATE_FILE, field=key)
+
+
+def join_processes(cfg: TrainConfig, resume, log):
+    """The data-parallel group (size 1 when alone), and a `log` that only process 0 writes to."""
+    import mlx.core as mx
+
+    group = mx.distributed.init()
+    if group.size() > 1:
+        if not cfg.out and not isinstance(resume, str):
+            raise UserError("a data-parallel run needs an output directory all processes agree on", field="--out")
+        if group.rank() != 0:
+            log = lambda *_: None  # noqa: E731  (process 0 speaks for the run)
+    return group, log
 
 
 @contextlib.contextmanager
@@ -180,17 +199,10 @@ def prepare(cfg: TrainConfig, resume, overwrite: bool, rank: int, log) -> Prepar
 def pretrain(cfg: TrainConfig, resume: str | bool | None = None, overwrite: bool = False, reshard: bool = False,
              log=print) -> Path:
     """Pretrain from scratch (or resume); under `mlx.launch`, data-parallel. Returns out/final."""
-    import mlx.core as mx
-
     from .data import PackedBatches, eval_batches
 
-    group = mx.distributed.init()
+    group, log = join_processes(cfg, resume, log)
     rank, world = group.rank(), group.size()
-    if world > 1:
-        if not cfg.out and not isinstance(resume, str):
-            raise UserError("a data-parallel run needs an output directory all processes agree on", field="--out")
-        if rank != 0:
-            log = lambda *_: None  # noqa: E731  (process 0 speaks for the run)
     if not resume:  # catch an impossible --seq-len before anything is written
         model_args_for(cfg, load_preset(cfg.preset).vocab_size, _NoTokenizer())
     with first_process_first(group):
