@@ -70,6 +70,17 @@ def atomic_directory(target: str | Path):
         raise
 
 
+def ensure_writable(directory: Path, flag: str | None = None) -> None:
+    """Create `directory` and prove it takes a file, or say which flag names an unwritable place."""
+    probe = Path(directory) / f".write-test-{os.getpid()}"
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write there ({e.strerror or e})", file=directory, field=flag) from None
+
+
 # ---------------------------------------------------------------------- name mapping
 def to_hf_weights(model: Model) -> dict[str, mx.array]:
     """Our parameters under transformers' names, one tensor per expert."""

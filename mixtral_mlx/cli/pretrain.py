@@ -51,8 +51,10 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..pretrain import pretrain, resolve_config
+    from ..pretrain import pretrain, read_yaml, resolve_config
 
-    cfg = resolve_config({name: getattr(args, name) for name in FLAGS}, args.config)
-    pretrain(cfg, resume=args.resume, overwrite=args.overwrite, reshard=args.reshard)
+    flags = {name: getattr(args, name) for name in FLAGS}
+    cfg = resolve_config(flags, args.config)
+    explicit = {**(read_yaml(args.config) if args.config else {}), **{k: v for k, v in flags.items() if v is not None}}
+    pretrain(cfg, resume=args.resume, overwrite=args.overwrite, reshard=args.reshard, explicit=explicit)
     return 0
