@@ -393,58 +393,59 @@ def fit(trainer: Trainer, task: Task, run_dir: Path, resume_from: Path | None = 
         if is_main:
             plot_run(run_dir)
 
-    start = time.perf_counter() - state["elapsed"]
-    with StopRequest() as stop:
-        while trainer.step < cfg.iters:
-            if cfg.max_time is not None and time.perf_counter() - start >= 60 * cfg.max_time:
-                reporter.message(f"--max-time {cfg.max_time} min reached at step {trainer.step}")
-                break
-            try:
-                micro = [next(task.train_batches) for _ in range(cfg.grad_accum)]
-            except BaseException:
-                trainer.fail()
-                raise
-            t0 = time.perf_counter()
-            try:
-                result = trainer.train_step(micro, stop_requested=stop.signal is not None)
-            except (MemoryError, RuntimeError) as e:
-                if not isinstance(e, MemoryError) and "memory" not in str(e).lower() and "alloc" not in str(e).lower():
+    try:
+        start = time.perf_counter() - state["elapsed"]
+        with StopRequest() as stop:
+            while trainer.step < cfg.iters:
+                if cfg.max_time is not None and time.perf_counter() - start >= 60 * cfg.max_time:
+                    reporter.message(f"--max-time {cfg.max_time} min reached at step {trainer.step}")
+                    break
+                try:
+                    micro = [next(task.train_batches) for _ in range(cfg.grad_accum)]
+                except BaseException:
+                    trainer.fail()
                     raise
-                raise UserError(f"out of memory at step {trainer.step + 1}: lower --batch-size or --seq-len, or "
-                                f"use --grad-accum; last good checkpoint: {ckpt.latest_checkpoint(run_dir) or 'none'}"
-                                ) from None
-            dt = time.perf_counter() - t0
-            if not (math.isfinite(result.loss) and math.isfinite(result.grad_norm)):
-                latest = ckpt.latest_checkpoint(run_dir)
-                raise UserError(f"loss became {result.loss} (grad norm {result.grad_norm}) at step {trainer.step}; "
-                                f"stopped without saving. Last good checkpoint: {latest or 'none'}. "
-                                f"Try a lower --lr or --grad-clip.")
-            state["tokens_seen"] += result.tokens
-            state["elapsed"] = time.perf_counter() - start
-            record = {"kind": "train", "step": trainer.step, "loss": result.loss, "aux_loss": result.aux,
-                      "z_loss": result.z, "lr": trainer.lr, "grad_norm": result.grad_norm,
-                      "tokens_seen": state["tokens_seen"], "tokens_per_s": result.tokens / dt,
-                      "step_time": dt, "elapsed": state["elapsed"]}
-            if trainer.step % cfg.log_every == 0 or trainer.step == 1:
-                counts = result.expert_counts
-                record["expert_load"] = (counts / counts.sum(axis=1, keepdims=True)).round(4).tolist()
-            reporter.step(record)
-            if trainer.step % cfg.eval_every == 0 and trainer.step < cfg.iters:  # the last is the final one
-                run_eval()
-            if result.stop:  # every process sees the same flag and stops at the same step
-                save(ckpt.step_dir(run_dir, trainer.step), pointer=True)
-                reporter.close()
-                if is_main:
-                    log(f"stopped at step {trainer.step}; saved {ckpt.step_dir(run_dir, trainer.step)} "
-                        f"(resume with --resume {run_dir})")
-                raise Interrupted
-            if trainer.step % cfg.save_every == 0:
-                save(ckpt.step_dir(run_dir, trainer.step), pointer=True)
-    run_eval(task.splits_at_end, max_batches=None)
-    final = run_dir / "final"
-    save(final, pointer=False)
-    reporter.close()
-    return final
+                t0 = time.perf_counter()
+                try:
+                    result = trainer.train_step(micro, stop_requested=stop.signal is not None)
+                except (MemoryError, RuntimeError) as e:
+                    if not isinstance(e, MemoryError) and "memory" not in str(e).lower() and "alloc" not in str(e).lower():
+                        raise
+                    raise UserError(f"out of memory at step {trainer.step + 1}: lower --batch-size or --seq-len, or "
+                                    f"use --grad-accum; last good checkpoint: {ckpt.latest_checkpoint(run_dir) or 'none'}"
+                                    ) from None
+                dt = time.perf_counter() - t0
+                if not (math.isfinite(result.loss) and math.isfinite(result.grad_norm)):
+                    latest = ckpt.latest_checkpoint(run_dir)
+                    raise UserError(f"loss became {result.loss} (grad norm {result.grad_norm}) at step {trainer.step}; "
+                                    f"stopped without saving. Last good checkpoint: {latest or 'none'}. "
+                                    f"Try a lower --lr or --grad-clip.")
+                state["tokens_seen"] += result.tokens
+                state["elapsed"] = time.perf_counter() - start
+                record = {"kind": "train", "step": trainer.step, "loss": result.loss, "aux_loss": result.aux,
+                          "z_loss": result.z, "lr": trainer.lr, "grad_norm": result.grad_norm,
+                          "tokens_seen": state["tokens_seen"], "tokens_per_s": result.tokens / dt,
+                          "step_time": dt, "elapsed": state["elapsed"]}
+                if trainer.step % cfg.log_every == 0 or trainer.step == 1:
+                    counts = result.expert_counts
+                    record["expert_load"] = (counts / counts.sum(axis=1, keepdims=True)).round(4).tolist()
+                reporter.step(record)
+                if trainer.step % cfg.eval_every == 0 and trainer.step < cfg.iters:  # the last is the final one
+                    run_eval()
+                if result.stop:  # every process sees the same flag and stops at the same step
+                    save(ckpt.step_dir(run_dir, trainer.step), pointer=True)
+                    if is_main:
+                        log(f"stopped at step {trainer.step}; saved {ckpt.step_dir(run_dir, trainer.step)} "
+                            f"(resume with --resume {run_dir})")
+                    raise Interrupted
+                if trainer.step % cfg.save_every == 0:
+                    save(ckpt.step_dir(run_dir, trainer.step), pointer=True)
+        run_eval(task.splits_at_end, max_batches=None)
+        final = run_dir / "final"
+        save(final, pointer=False)
+        return final
+    finally:
+        reporter.close()  # end the progress bar before an error message is printed
 
 
 def restore(trainer: Trainer, task: Task, directory: Path, reshard: bool = False) -> dict:
