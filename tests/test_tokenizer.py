@@ -71,6 +71,10 @@ def test_bos_eos_and_batch_encoding(sp):
     assert sp.encode_batch(texts, bos=True)[2] == [BOS_ID]
 
 
+def test_training_is_deterministic(sp):
+    assert train_tokenizer(corpus(), 320).fingerprint == sp.fingerprint
+
+
 def test_vocab_size_is_an_upper_bound(tmp_path):
     small = train_tokenizer(corpus(), 8000)
     assert 270 < small.vocab_size < 8000  # the corpus has only so many distinct pieces
