@@ -30,7 +30,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("seed,overrides", CASES)
-@pytest.mark.parametrize("dispatch", ["dense", "gather"])
+@pytest.mark.parametrize("dispatch", ["dense", "gather", "grouped"])
 def test_logits_match_transformers(tmp_path, seed, overrides, dispatch):
     ref_model = write_hf_model(tmp_path, seed=seed, **overrides)
     ids = np.random.default_rng(seed).integers(0, 97, size=(2, 24))
