@@ -21,7 +21,7 @@ def block(top_k=2, experts=4, seed=0):
     return SparseMoeBlock(args)
 
 
-# Token counts span one-row blocks (decoding, short prompts) up to 32-row blocks.
+# Token counts span one-row blocks (decoding) and two-row blocks.
 @pytest.mark.parametrize("top_k,experts,tokens", [(1, 4, 5), (2, 4, 7), (2, 8, 100), (3, 8, 40), (2, 4, 600),
                                                   (1, 2, 2100)])
 @pytest.mark.parametrize("dispatch", ["gather", "grouped"])
@@ -36,7 +36,7 @@ def test_dispatches_agree_with_dense(top_k, experts, tokens, dispatch):
     np.testing.assert_array_equal(np.array(logits_d), np.array(logits_o))
 
 
-@pytest.mark.parametrize("seq_len", [33, 300])  # one-row and multi-row blocks
+@pytest.mark.parametrize("seq_len", [3, 33])  # one-row and two-row blocks
 def test_gradients_agree_between_dispatches(seq_len):
     model = init_weights(Model(load_preset("tiny")), seed=3)
     ids = mx.array(np.random.default_rng(0).integers(0, 512, size=(2, seq_len)))
@@ -73,11 +73,10 @@ def test_groups_hold_each_pair_once_in_single_expert_blocks(skew):
             assert expert[r // block] == choices.reshape(-1)[p]
 
 
-def test_block_size_grows_with_the_batch():
-    assert group_block_size(2, 8) == 1  # decoding one token
-    assert group_block_size(512, 8) == 4
-    assert group_block_size(4096, 8) == 32
-    assert group_block_size(10**6, 8) == 32
+def test_block_size():
+    assert group_block_size(2, 8) == 1  # decoding one token: no pad rows
+    assert group_block_size(64, 8) == 2
+    assert group_block_size(4096, 8) == 2
 
 
 def test_scores_equal_softmax_then_renormalise():
