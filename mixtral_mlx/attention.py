@@ -58,6 +58,9 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array, cache=None) -> mx.array:
         B, L, _ = x.shape
         q, k, v, offset = self.qkv(x, cache)
-        mask = attention_mask(L, k.shape[2], offset, self.window)
+        # A compiled decoding step's cache hands back its whole buffer and the mask of its filled slots.
+        mask = getattr(cache, "slot_mask", None)
+        if mask is None:
+            mask = attention_mask(L, k.shape[2], offset, self.window)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
