@@ -40,6 +40,16 @@ def test_logits_match_transformers(tmp_path, seed, overrides, dispatch):
     np.testing.assert_allclose(ours, hf_logits(ref_model, ids), atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("overrides", [dict(), dict(sliding_window=200, tie_word_embeddings=True)])
+def test_long_input_matches_transformers(tmp_path, overrides):
+    """200 positions: the CPU's defaults take their fast paths (causal attention in query
+    blocks, the grouped dispatch's two-row blocks); a window as long as the input is causal."""
+    ref_model = write_hf_model(tmp_path, seed=8, **overrides)
+    ids = np.random.default_rng(8).integers(0, 97, size=(2, 200))
+    model, _ = mixtral_mlx.load(tmp_path)
+    np.testing.assert_allclose(np.array(model(mx.array(ids))), hf_logits(ref_model, ids), atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("theta", [1e4, 1e6])
 def test_rope_theta_read_from_either_spelling(tmp_path, theta):
     ref_model = write_hf_model(tmp_path, rope_theta=theta)
