@@ -77,3 +77,11 @@ class DecodeStep:
         # The weights are read at every call (not frozen at the first), so the step
         # follows a model that trains or loads new weights between calls.
         return mx.compile(step, inputs=[model.state])
+
+
+def decode_step(model) -> DecodeStep:
+    """The model's `DecodeStep`, made on first use and kept with the model (its traces with it)."""
+    step = getattr(model, "_decode_step", None)
+    if step is None:
+        step = model._decode_step = DecodeStep(model)
+    return step

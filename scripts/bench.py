@@ -11,8 +11,8 @@ mid-run affects all alike.
 What each side runs:
 * mixtral-mlx: the code the CLI trains with (`train.Trainer.train_step`: compiled
   gradient step, router losses, clipping, AdamW on float32 master weights) and decodes
-  with (the model over `cache.make_cache` caches, one compiled step per token, queued
-  with `mx.async_eval`).
+  with (`generate.generate_step`, greedy: the compiled one-token step of decode.py,
+  each step queued with `mx.async_eval`).
 * mlx-lm: its Mixtral with its trainer's loss (`tuner.trainer.default_loss`),
   `nn.value_and_grad` and AdamW, the whole step compiled as its trainer compiles it;
   decoding through its `generate_step`.
@@ -64,10 +64,9 @@ LR, WEIGHT_DECAY = 1e-4, 0.1  # small enough that a few hundred steps of random 
 
 # ---------------------------------------------------------------------- the frameworks
 class Ours:
-    """Training through `train.Trainer`, decoding through the package's decoding step."""
+    """Training through `train.Trainer`, decoding through `generate.generate_step`."""
 
     def __init__(self, model_dir: Path, opts: dict, checkpointing: bool = False):
-        from mixtral_mlx.decode import DecodeStep
         from mixtral_mlx.train import TrainConfig, Trainer
 
         self.model, _ = mixtral_mlx.load(model_dir)
@@ -75,7 +74,6 @@ class Ours:
                           dtype=opts["dtype"], lr=LR, min_lr=LR, warmup=0, weight_decay=WEIGHT_DECAY,
                           iters=10**6, grad_checkpoint=checkpointing)
         self.trainer = Trainer(self.model, cfg.validate())
-        self.decode_step = DecodeStep(self.model)
 
     def train_step(self, batch: dict[str, np.ndarray]) -> None:
         self.model.train()
@@ -88,27 +86,10 @@ class Ours:
         mx.eval(self.model(mx.array(prompt)[None], make_cache(self.model))[:, -1])
 
     def generate(self, prompt: list[int], n: int) -> list[int]:
-        """Greedy decoding: prefill, then one compiled step per token, each queued before the last is read."""
-        from mixtral_mlx.cache import make_cache
+        from mixtral_mlx.generate import GenerationConfig, generate_step
 
         self.model.eval()
-        cache = make_cache(self.model)
-        self.model(mx.array(prompt[:-1])[None], cache)  # evaluated along with the first step
-
-        def step(token: mx.array) -> tuple[mx.array, mx.array]:
-            logits = self.decode_step(token.reshape(1, 1), cache).astype(mx.float32)
-            return mx.argmax(logits, axis=-1), logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-
-        current = step(mx.array(prompt[-1:]))
-        mx.async_eval(*current)
-        tokens = []
-        for i in range(n):
-            upcoming = step(current[0]) if i + 1 < n else None
-            if upcoming is not None:
-                mx.async_eval(*upcoming)
-            tokens.append(current[0].item())
-            current = upcoming
-        return tokens
+        return [t for t, _ in generate_step(self.model, prompt, GenerationConfig(mode="greedy"), limit=n)]
 
     reset_peak_memory = staticmethod(mx.reset_peak_memory)
     peak_memory = staticmethod(mx.get_peak_memory)

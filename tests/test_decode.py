@@ -10,7 +10,7 @@ import pytest
 
 from mixtral_mlx import Model, load_preset
 from mixtral_mlx.cache import make_cache
-from mixtral_mlx.decode import DecodeStep
+from mixtral_mlx.decode import DecodeStep, decode_step
 from mixtral_mlx.model import init_weights
 
 
@@ -55,3 +55,9 @@ def test_follows_new_weights():
     model.update(model_with(seed=1).parameters())
     expected = model(token, prefilled(model, prompt))[:, -1]
     np.testing.assert_allclose(np.array(step(token, prefilled(model, prompt))), np.array(expected), atol=1e-5)
+
+
+def test_one_step_per_model():
+    model = model_with()
+    assert decode_step(model) is decode_step(model)
+    assert decode_step(model) is not decode_step(model_with())
