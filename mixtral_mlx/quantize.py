@@ -88,7 +88,10 @@ class QuantizedExpertLinear(nn.Module):
         return self.weight.shape[0]
 
     def gather(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        """x: (..., 1 or k, 1, in), indices: (..., k) -> (..., k, 1, out), expert indices[i] on row i."""
+        """The rows of block i of x through expert indices[i] (see ExpertLinear.gather)."""
+        if _dequantize_first(x):  # many rows (the grouped dispatch): the BLAS on dequantized weights
+            return mx.gather_mm(x, _dequantized(self).swapaxes(-1, -2), rhs_indices=indices,
+                                sorted_indices=sorted_indices)
         return mx.gather_qmm(x, self["weight"], self["scales"], self.get("biases"), rhs_indices=indices,
                              transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode,
                              sorted_indices=sorted_indices)

@@ -29,6 +29,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .errors import UserError
+from .losses import cross_entropy, head_cross_entropy
 from .moe import load_balancing_loss, router_z_loss
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -52,6 +53,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1
     dtype: str = "float32"
+    grad_checkpoint: bool = False  # recompute activations in the backward pass: less memory, more time
     eval_every: int = 100
     eval_batches: int = 8
     save_every: int = 200
@@ -85,6 +87,8 @@ class TrainConfig:
         need(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         need(self.max_time is None or self.max_time > 0, "max_time", f"must be positive, got {self.max_time!r}")
         need(self.aux_loss_coef is None or self.aux_loss_coef >= 0, "aux_loss_coef", "must be >= 0")
+        need(isinstance(self.grad_checkpoint, bool), "grad_checkpoint",
+             f"must be true or false, got {self.grad_checkpoint!r}")
         return self
 
     @classmethod
@@ -115,9 +119,9 @@ def loss_terms(model, batch: dict[str, mx.array], n_tokens: mx.array, n_micro: m
     per-micro-batch means and are averaged.
     Returns (total, (ce_sum, aux, z, expert_counts (layers, E))).
     """
-    out = model.forward(batch["inputs"], router_logits=True)
-    ce = nn.losses.cross_entropy(out.logits.astype(mx.float32), batch["targets"]) * batch["mask"]
-    ce_sum = ce.sum()
+    # The logits are left to the fused head and loss (the forward's own are never evaluated).
+    out = model.forward(batch["inputs"], router_logits=True, hidden_states=True)
+    ce_sum = head_cross_entropy(model, out.hidden_states[-1], batch["targets"], batch["mask"])
     top_k = model.args.num_experts_per_tok
     aux = load_balancing_loss(out.router_logits, top_k)
     z = router_z_loss(out.router_logits)
@@ -158,6 +162,10 @@ class Trainer:
         self.model, self.cfg = model, cfg
         self.aux_coef = model.args.router_aux_loss_coef if cfg.aux_loss_coef is None else cfg.aux_loss_coef
         self.compute_dtype = DTYPES[cfg.dtype]
+        if cfg.grad_checkpoint and model.args.router_jitter_noise > 0:
+            # the recomputation would draw other noise than the forward pass did
+            raise UserError("cannot be combined with router_jitter_noise > 0", field="grad_checkpoint")
+        model.grad_checkpoint = cfg.grad_checkpoint
         self.optimizer = optim.AdamW(learning_rate=lr_schedule(cfg), weight_decay=cfg.weight_decay)
         # float32 master copy of what trains; the model holds it cast to the compute dtype
         self.master = tree_map(lambda p: p.astype(mx.float32), model.trainable_parameters())
@@ -285,7 +293,7 @@ def evaluate(model, batches: Iterator[dict[str, np.ndarray]]) -> tuple[float, in
     total, count = 0.0, 0
     for batch in batches:
         logits = model(mx.array(batch["inputs"]))
-        ce = nn.losses.cross_entropy(logits.astype(mx.float32), mx.array(batch["targets"])) * mx.array(batch["mask"])
+        ce = cross_entropy(logits, mx.array(batch["targets"])) * mx.array(batch["mask"])
         total += ce.sum().item()
         count += int(batch["mask"].sum())
     return total, count

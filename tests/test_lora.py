@@ -1,4 +1,4 @@
-"""LoRA / DoRA adapters: what trains, both MoE dispatches, fusing, files, mlx-lm, bad adapters."""
+"""LoRA / DoRA adapters: what trains, every MoE dispatch, fusing, files, mlx-lm, bad adapters."""
 
 from __future__ import annotations
 
@@ -115,10 +115,11 @@ def test_fresh_adapters_change_nothing():
         np.testing.assert_allclose(logits(fresh, IDS), reference, atol=1e-5, rtol=0)
 
 
-# ---------------------------------------------------------------------- both MoE dispatches
+# ---------------------------------------------------------------------- every MoE dispatch
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-def test_dense_and_gather_dispatch_agree(dora):
-    """Logits and adapter gradients agree; short inputs take gather's unsorted path, long ones the sorted."""
+def test_dispatches_agree(dora):
+    """Logits and adapter gradients agree; short inputs take gather's unsorted path, long ones the sorted,
+    and the grouped dispatch one- and two-row blocks."""
     model = tiny_model()
     apply_lora(model, LoRAConfig(targets=("gate", "w1", "w2", "w3"), dora=dora))
     perturb_adapters(model)
@@ -132,18 +133,21 @@ def test_dense_and_gather_dispatch_agree(dora):
         return nn.losses.cross_entropy(out, mx.array(batch["targets"])).mean()
 
     results = {}
-    for dispatch in ("dense", "gather"):
+    for dispatch in ("dense", "gather", "grouped"):
         model.set_moe_dispatch(dispatch)
         short, long = logits(model, IDS[:, :5]), logits(model, IDS)
         import mlx.nn as nn
 
         grads = dict(tree_flatten(nn.value_and_grad(model, loss)(model)[1]))
         results[dispatch] = (short, long, grads)
-    (s1, l1, g1), (s2, l2, g2) = results["dense"], results["gather"]
-    np.testing.assert_allclose(s1, s2, atol=ATOL, rtol=0)
-    np.testing.assert_allclose(l1, l2, atol=ATOL, rtol=0)
-    for name in g1:
-        np.testing.assert_allclose(np.array(g1[name]), np.array(g2[name]), atol=1e-5, rtol=1e-4, err_msg=name)
+    s1, l1, g1 = results["dense"]
+    for dispatch in ("gather", "grouped"):
+        s2, l2, g2 = results[dispatch]
+        np.testing.assert_allclose(s1, s2, atol=ATOL, rtol=0, err_msg=dispatch)
+        np.testing.assert_allclose(l1, l2, atol=ATOL, rtol=0, err_msg=dispatch)
+        for name in g1:
+            np.testing.assert_allclose(np.array(g1[name]), np.array(g2[name]), atol=1e-5, rtol=1e-4,
+                                       err_msg=f"{dispatch}: {name}")
 
 
 # ---------------------------------------------------------------------- fusing and files
@@ -152,7 +156,7 @@ def test_fused_equals_unfused(tmp_path, dora):
     model = tiny_model()
     apply_lora(model, LoRAConfig(targets=ALL_TARGETS, dora=dora, rank=4))
     perturb_adapters(model)
-    for dispatch in ("dense", "gather"):
+    for dispatch in ("dense", "gather", "grouped"):
         model.set_moe_dispatch(dispatch)
         adapted = logits(model, IDS)
         fused = fuse_model(_copy(model, tmp_path, dora))
