@@ -283,7 +283,9 @@ def generate_step(model, prompt: Sequence[int], config: GenerationConfig, cache:
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, penalty)
-        key, subkey = mx.random.split(key)
+        subkey = None
+        if config.temperature > 0:
+            key, subkey = mx.random.split(key)
         token = sampler(logits, subkey)
         if seen is not None:
             seen = mx.where(mx.arange(seen.size) == token, True, seen)

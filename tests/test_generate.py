@@ -405,3 +405,49 @@ def test_cli_hub_repo_is_downloaded_through_huggingface_hub(model_dir, model, to
     assert code == 0 and calls == ["someone/tiny-mixtral"]
     expected = mixtral_mlx.generate(model, tokenizer, PROMPT, mode="greedy", max_tokens=10)
     assert capsys.readouterr().out == expected.text + "\n"
+
+
+# ---------------------------------------------------------------------- adapters
+def write_mlx_lm_adapter(directory, model, rank: int = 4, scale: float = 2.0, seed: int = 0, base_model=None):
+    """A LoRA adapter on every q_proj in mlx-lm's layout; returns {layer: (lora_a, lora_b)}."""
+    rng = np.random.default_rng(seed)
+    h, q = model.args.hidden_size, model.args.num_attention_heads * model.args.head_dim
+    arrays = {}
+    for i in range(len(model.layers)):
+        arrays[f"model.layers.{i}.self_attn.q_proj.lora_a"] = mx.array(rng.normal(size=(h, rank)).astype(np.float32) * 0.1)
+        arrays[f"model.layers.{i}.self_attn.q_proj.lora_b"] = mx.array(rng.normal(size=(rank, q)).astype(np.float32) * 0.1)
+    directory.mkdir()
+    mx.save_safetensors(str(directory / "adapters.safetensors"), arrays)
+    config = {"fine_tune_type": "lora", "num_layers": len(model.layers),
+              "lora_parameters": {"rank": rank, "scale": scale, "dropout": 0.0, "keys": ["self_attn.q_proj"]}}
+    if base_model is not None:
+        config["base_model"] = base_model
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    return arrays
+
+
+def test_cli_adapter_is_added_to_the_model(tmp_path, model_dir, tokenizer):
+    pytest.importorskip("mixtral_mlx.lora", reason="adapters come with the fine-tuning module")
+    fused, _ = mixtral_mlx.load(model_dir[0])
+    arrays = write_mlx_lm_adapter(tmp_path / "adapter", fused)
+    for i, layer in enumerate(fused.layers):  # the adapter folded into the weights by hand
+        a, b = arrays[f"model.layers.{i}.self_attn.q_proj.lora_a"], arrays[f"model.layers.{i}.self_attn.q_proj.lora_b"]
+        layer.self_attn.q_proj.weight = layer.self_attn.q_proj.weight + 2.0 * (a @ b).T
+    out = tmp_path / "logits.npy"
+    result = run_cli("generate", "--model", str(model_dir[0]), "--adapter", str(tmp_path / "adapter"),
+                     "--prompt", PROMPT, "--mode", "raw", "--logits-out", str(out))
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_allclose(np.load(out), np.array(mixtral_mlx.next_token_logits(fused, tokenizer, PROMPT)),
+                               atol=ATOL, rtol=0)
+
+
+def test_cli_adapter_for_another_base_is_refused(tmp_path, model_dir, model):
+    pytest.importorskip("mixtral_mlx.lora", reason="adapters come with the fine-tuning module")
+    other = model.args.to_hf() | {"hidden_size": 2 * model.args.hidden_size}
+    write_mlx_lm_adapter(tmp_path / "adapter", model, base_model=other)
+    result = run_cli("generate", "--model", str(model_dir[0]), "--adapter", str(tmp_path / "adapter"),
+                     "--prompt", PROMPT, "--mode", "greedy")
+    assert_user_error(result, "adapter_config.json", "another base")
+    missing = run_cli("generate", "--model", str(model_dir[0]), "--adapter", str(tmp_path / "none"),
+                      "--prompt", PROMPT)
+    assert_user_error(missing, "--adapter", "no such adapter directory")

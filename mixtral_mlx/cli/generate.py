@@ -56,6 +56,7 @@ def register(sub) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a model directory or Hugging Face Hub repo id")
+    p.add_argument("--adapter", help="a fine-tuned adapter (directory or fine-tuning run) to add to the model")
     p.add_argument("--dtype", choices=DTYPES, help="cast the weights after loading (default: as stored)")
     p.add_argument("--verbose", action="store_true",
                    help="print prompt tokens, prefill and decode tokens/s and peak memory")
@@ -89,10 +90,18 @@ def _load(args: argparse.Namespace):
     """The model and its tokenizer, or a UserError before anything heavy when the directory is unusable."""
     from ..checkpoint import load
 
+    if args.adapter:
+        from ..lora import adapter_dir
+
+        adapter_dir(args.adapter)  # a missing adapter fails before the model loads
     start = time.perf_counter()
     model, tokenizer = load(args.model, dtype=args.dtype)
     if tokenizer is None:
         raise UserError("the model directory holds no tokenizer.model", file=args.model)
+    if args.adapter:
+        from ..lora import load_adapter
+
+        load_adapter(model, args.adapter)  # a UserError if it was made for another base
     if args.verbose:
         print(f"loaded {args.model}: {model.num_parameters():,} parameters in {time.perf_counter() - start:.1f} s",
               file=sys.stderr)
