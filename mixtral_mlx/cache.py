@@ -28,7 +28,7 @@ class KVCache:
         B, H, L, D = keys.shape
         needed = self.offset + L
         if self.keys is None or needed > self.keys.shape[2]:
-            grow = ((needed + self.step - 1) // self.step) * self.step - (0 if self.keys is None else self.keys.shape[2])
+            grow = ((needed + self.step - 1) // self.step) * self.step - self.offset
             new_k = mx.zeros((B, H, grow, D), keys.dtype)
             new_v = mx.zeros((B, H, grow, values.shape[3]), values.dtype)
             if self.keys is None:

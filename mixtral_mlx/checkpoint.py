@@ -107,12 +107,10 @@ def from_hf_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]:
 
 
 # ---------------------------------------------------------------------- save
-def save(model: Model, tokenizer: Tokenizer | None, directory: str | Path, dtype: str | None = None,
-         extra_files: dict[str, str] | None = None) -> Path:
-    """Write a Hugging Face-format checkpoint atomically; returns its path.
+def write_model(model: Model, tokenizer: Tokenizer | None, directory: str | Path, dtype: str | None = None) -> None:
+    """Write config.json, model.safetensors and tokenizer.model into an existing directory.
 
     `dtype` casts floating weights ("float32", "float16", "bfloat16") on the way out.
-    `extra_files` maps file names to text written beside the weights.
     """
     directory = Path(directory)
     weights = to_hf_weights(model)
@@ -120,15 +118,18 @@ def save(model: Model, tokenizer: Tokenizer | None, directory: str | Path, dtype
         weights = {k: v.astype(_DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) else v
                    for k, v in weights.items()}
     config = model.args.to_hf()
-    config["torch_dtype"] = dtype or str(next(iter(weights.values())).dtype).replace("mlx.core.", "")
+    config["torch_dtype"] = dtype or str(model.model.embed_tokens.weight.dtype).replace("mlx.core.", "")
+    mx.save_safetensors(str(directory / WEIGHTS_FILE), weights, metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(directory)
+
+
+def save(model: Model, tokenizer: Tokenizer | None, directory: str | Path, dtype: str | None = None) -> Path:
+    """Write a Hugging Face-format checkpoint atomically; returns its path."""
     with atomic_directory(directory) as tmp:
-        mx.save_safetensors(str(tmp / WEIGHTS_FILE), weights, metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-    return directory
+        write_model(model, tokenizer, tmp, dtype)
+    return Path(directory)
 
 
 # ---------------------------------------------------------------------- load
@@ -230,3 +231,57 @@ def load(path_or_repo: str | Path, dtype: str | None = None) -> tuple[Model, Tok
     """Load a Hugging Face-format Mixtral directory (or Hub repo): (model, tokenizer or None)."""
     directory = resolve(path_or_repo)
     return load_model(directory, dtype), load_tokenizer(directory)
+
+
+# ---------------------------------------------------------------------- training checkpoints
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+MASTER_FILE = "master.safetensors"
+LATEST = "latest"
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / f"step-{step:06d}"
+
+
+def write_pointer(run_dir: Path, name: str) -> None:
+    """Point `run_dir/latest` at a checkpoint, atomically."""
+    tmp = Path(run_dir) / f".{LATEST}.tmp-{os.getpid()}"
+    tmp.write_text(name + "\n")
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, Path(run_dir) / LATEST)
+    fsync_dir(Path(run_dir))
+
+
+def is_complete(directory: Path) -> bool:
+    return (directory / STATE_FILE).is_file() and (directory / OPTIMIZER_FILE).is_file()
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run: `latest` if it is sound, else the highest step."""
+    run_dir = Path(run_dir)
+    pointer = run_dir / LATEST
+    if pointer.is_file():
+        candidate = run_dir / pointer.read_text().strip()
+        if candidate.name and is_complete(candidate):
+            return candidate
+    steps = sorted(p for p in run_dir.glob("step-*") if p.is_dir() and is_complete(p))
+    return steps[-1] if steps else None
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Keep the newest `keep` step checkpoints; drop leftovers of interrupted writes."""
+    steps = sorted(p for p in Path(run_dir).glob("step-*") if p.is_dir())
+    for old in steps[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for leftover in Path(run_dir).glob(".step-*.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def read_trainer_state(directory: Path) -> dict:
+    path = Path(directory) / STATE_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"unreadable trainer state ({e})", file=path) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from .config import ModelArgs
@@ -93,3 +94,15 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {suffix}"
         n /= 1024
     return f"{n:.1f} PiB"
+
+
+def matmul_gflops(n: int = 512, repeats: int = 5) -> float:
+    """Measured float32 matmul rate on the default device, GFLOP/s."""
+    import mlx.core as mx
+
+    a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
+    mx.eval(a @ b)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        mx.eval(a @ b)
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9

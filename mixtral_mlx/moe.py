@@ -54,7 +54,10 @@ class ExpertLinear(nn.Module):
         return self.weight.shape[0]
 
     def gather(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        """x: (..., 1 or k, 1, in), indices: (..., k) -> (..., k, 1, out), expert indices[i] on row i."""
+        """Row i of x through expert indices[i]: x (..., 1, in), indices (...) -> (..., 1, out).
+
+        x broadcasts against indices, so (T, 1, 1, in) with (T, k) runs each token through k experts.
+        """
         return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
 
     def all_experts(self, x: mx.array) -> mx.array:
@@ -93,10 +96,9 @@ class Experts(nn.Module):
             flat = indices.reshape(-1)
             order = mx.argsort(flat)
             inverse = mx.argsort(order)
-            xs = x[order // k][:, None, :]
-            idx = flat[order]
-            y = self._swiglu(xs[:, None], idx[:, None], sorted_indices=True)  # (T*k, 1, 1, h)
-            y = y.reshape(T * k, -1)[inverse].reshape(T, k, -1)
+            xs = x[order // k][:, None, :]  # (T*k, 1, h): row r is token order[r] // k
+            y = self._swiglu(xs, flat[order], sorted_indices=True)  # (T*k, 1, h)
+            y = y.squeeze(1)[inverse].reshape(T, k, -1)
         else:
             y = self._swiglu(x[:, None, None, :], indices).squeeze(-2)  # (T, k, h)
         return (y * scores[..., None]).sum(axis=1)

@@ -13,9 +13,9 @@ import sys
 
 from .. import blas as _blas  # noqa: F401  (imports the package, which preloads OpenBLAS before mlx)
 from ..errors import UserError
-from . import generate, info
+from . import data, evaluate, generate, info, pretrain, tokenizer
 
-COMMANDS = [info, generate]
+COMMANDS = [info, data, tokenizer, pretrain, evaluate, generate]
 
 
 class Parser(argparse.ArgumentParser):

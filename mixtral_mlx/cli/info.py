@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 
 
 def register(sub) -> None:
@@ -16,24 +15,13 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def matmul_gflops(n: int = 512, repeats: int = 5) -> float:
-    import mlx.core as mx
-
-    a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
-    mx.eval(a @ b)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        mx.eval(a @ b)
-    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
-
-
 def run(args: argparse.Namespace) -> int:
     import mlx.core as mx
 
     from .. import blas
     from ..config import ModelArgs, load_preset
     from ..checkpoint import resolve
-    from ..info import count_parameters, flops_per_token, human, human_bytes, weight_memory
+    from ..info import count_parameters, flops_per_token, human, human_bytes, matmul_gflops, weight_memory
 
     print(f"machine   {platform.system()} {platform.machine()}, python {platform.python_version()}")
     print(f"mlx       {mx.__version__}, device {mx.default_device()}")

@@ -1,0 +1,58 @@
+"""`mixtral-mlx pretrain`: train a sparse MoE from scratch (defaults: preset small on pretrain_data/)."""
+
+from __future__ import annotations
+
+import argparse
+
+# flag -> (type, help); every one is also a key of a --config YAML file
+FLAGS = {
+    "data": (str, "directory of train/val/test jsonl splits (default pretrain_data)"),
+    "out": (str, "run directory (default runs/<timestamp>)"),
+    "preset": (str, "model preset: tiny, small, minimixtral-175m (default small)"),
+    "iters": (int, "optimizer steps"),
+    "max_time": (float, "stop after this many minutes (the schedule still spans --iters)"),
+    "batch_size": (int, "sequences per micro-batch"),
+    "seq_len": (int, "tokens per sequence"),
+    "lr": (float, "peak learning rate"),
+    "min_lr": (float, "learning rate at the end of the cosine decay"),
+    "warmup": (int, "linear warmup steps"),
+    "weight_decay": (float, "AdamW weight decay"),
+    "grad_clip": (float, "clip gradients to this global norm (0: off)"),
+    "grad_accum": (int, "micro-batches per optimizer step"),
+    "dtype": (str, "float32, bfloat16 or float16 compute (master weights stay float32)"),
+    "eval_every": (int, "evaluate every N steps"),
+    "eval_batches": (int, "validation batches per periodic evaluation (the final one covers the whole split)"),
+    "save_every": (int, "checkpoint every N steps"),
+    "keep": (int, "step checkpoints to keep"),
+    "seed": (int, "seed for initialisation and data order"),
+    "aux_loss_coef": (float, "load-balancing loss coefficient (default: the model config's)"),
+    "z_loss_coef": (float, "router z-loss coefficient"),
+    "tokenizer": (str, "directory with a tokenizer to use instead of training one"),
+    "vocab_size": (int, "vocabulary size of the tokenizer trained on the data"),
+    "wandb": (str, "log to this Weights & Biases project (needs wandb installed)"),
+    "log_every": (int, "record expert load every N steps"),
+}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("pretrain", help="train a model from scratch on jsonl splits",
+                       description="Train a sparse MoE from scratch. A --config YAML takes the same keys as the "
+                                   "flags (with underscores); flags override it; the resolved config is saved as "
+                                   "OUT/config.yaml.")
+    p.add_argument("--config", help="YAML file of settings")
+    for name, (kind, help_text) in FLAGS.items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, help=help_text)
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR",
+                   help="continue a run from its latest checkpoint (DIR, or --out)")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out directory that holds a run")
+    p.add_argument("--reshard", action="store_true",
+                   help="resume with a different number of processes, continuing from the saved data position")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..pretrain import pretrain, resolve_config
+
+    cfg = resolve_config({name: getattr(args, name) for name in FLAGS}, args.config)
+    pretrain(cfg, resume=args.resume, overwrite=args.overwrite, reshard=args.reshard)
+    return 0

@@ -1,0 +1,260 @@
+"""Pretraining from scratch: config -> tokenizer -> data -> model -> the training core.
+
+`resolve_config` layers a preset's `train:` defaults, a YAML file and command-line flags
+(later wins); `pretrain` prepares a run directory and hands a `Task` to `train.fit`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import checkpoint as ckpt
+from .config import ModelArgs, load_preset, model_args_from_dict, read_preset
+from .errors import UserError
+from .info import flops_per_token
+from .model import Model, init_weights
+from .train import Task, TrainConfig, Trainer, eval_metrics, evaluate, fit
+
+SAMPLE_PROMPTS = ("Once upon a time", "The little dog", "One day,")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError("no such file", file=path) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise UserError(f"not valid YAML: {getattr(e, 'problem', e)}", file=path,
+                        line=mark.line + 1 if mark else None) from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UserError("must hold a mapping of settings", file=path)
+    return values
+
+
+def resolve_config(flags: dict[str, Any], yaml_path: str | None = None) -> TrainConfig:
+    """Preset defaults < YAML file < flags (flags that were not given are None and ignored)."""
+    from_yaml = read_yaml(yaml_path) if yaml_path else {}
+    preset = flags.get("preset") or from_yaml.get("preset") or TrainConfig.preset
+    values = dict(read_preset(preset).get("train", {}))
+    values["preset"] = preset
+    if from_yaml:
+        TrainConfig.from_dict(from_yaml, source=str(yaml_path))  # names an unknown key in the file
+        values.update(from_yaml)
+    values.update({k: v for k, v in flags.items() if v is not None})
+    cfg = TrainConfig.from_dict(values, source=str(yaml_path or "flags"))
+    return cfg.validate(str(yaml_path) if yaml_path else "flags")
+
+
+def model_args_for(cfg: TrainConfig, vocab_size: int, tokenizer) -> ModelArgs:
+    base = dataclasses.asdict(load_preset(cfg.preset))
+    base.update(cfg.model)
+    base.update(vocab_size=vocab_size, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                pad_token_id=tokenizer.pad_id)
+    base.pop("quantization", None)
+    args = model_args_from_dict(base, source=f"preset {cfg.preset} + model settings")
+    if cfg.seq_len > args.max_position_embeddings:
+        raise UserError(f"{cfg.seq_len} is longer than the model's context "
+                        f"(max_position_embeddings={args.max_position_embeddings})", field="--seq-len")
+    return args
+
+
+def prepare_run_dir(cfg: TrainConfig, resume: str | bool | None, overwrite: bool,
+                    first: bool = True) -> tuple[Path, Path | None]:
+    """The run directory, and the checkpoint to resume from (None for a fresh run).
+
+    Only the `first` process of a data-parallel run checks and clears the directory.
+    """
+    if resume:
+        run_dir = Path(resume if isinstance(resume, str) else (cfg.out or ""))
+        if not str(run_dir) or not run_dir.is_dir():
+            raise UserError("no such run directory to resume", file=run_dir or "--resume")
+        latest = ckpt.latest_checkpoint(run_dir)
+        if latest is None:
+            raise UserError("holds no complete checkpoint to resume from", file=run_dir)
+        return run_dir, latest
+    run_dir = Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    if not first:
+        return run_dir, None
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise UserError("already holds files of another run; use --resume to continue it or "
+                            "--overwrite to start over", file=run_dir)
+        for child in run_dir.iterdir():
+            if child.is_dir():
+                import shutil
+
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir, None
+
+
+def check_resume_compatible(cfg: TrainConfig, args: ModelArgs, checkpoint: Path) -> None:
+    saved = ckpt.read_trainer_state(checkpoint)
+    saved_model = ModelArgs.from_hf(saved["model"]).to_hf()
+    if saved_model != args.to_hf():
+        changed = sorted(k for k in set(saved_model) | set(args.to_hf()) if saved_model.get(k) != args.to_hf().get(k))
+        raise UserError(f"the model config changed since this run was saved ({', '.join(changed)}); "
+                        "resume with the run's own settings", file=checkpoint / ckpt.STATE_FILE, field=changed[0])
+    for key in ("batch_size", "seq_len", "grad_accum", "seed"):
+        if saved["config"].get(key) != getattr(cfg, key):
+            raise UserError(f"was {saved['config'].get(key)} in the saved run, now {getattr(cfg, key)}: "
+                            "exact resume needs the same data order", file=checkpoint / ckpt.STATE_FILE, field=key)
+
+
+@contextlib.contextmanager
+def first_process_first(group):
+    """Process 0 runs the block (writing shared files) before the others read what it wrote."""
+    import mlx.core as mx
+
+    def barrier():
+        mx.eval(mx.distributed.all_sum(mx.array(0.0), group=group))
+
+    if group.size() > 1 and group.rank() != 0:
+        barrier()
+    yield
+    if group.size() > 1 and group.rank() == 0:
+        barrier()
+
+
+class _NoTokenizer:
+    bos_id, eos_id, pad_id = None, None, None
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A run directory with its settings, tokenizer and tokenized splits, ready to train."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    resume_from: Path | None
+    tokenizer: Any
+    args: ModelArgs
+    splits: dict[str, Any]
+
+
+def prepare(cfg: TrainConfig, resume, overwrite: bool, rank: int, log) -> Prepared:
+    from .data import tokenize_split, train_tokenizer_on
+    from .tokenizer import load_tokenizer
+
+    run_dir, resume_from = prepare_run_dir(cfg, resume, overwrite, first=rank == 0)
+    if resume_from is not None:  # the run's own settings win over the defaults
+        saved = ckpt.read_trainer_state(resume_from)["config"]
+        cfg = dataclasses.replace(TrainConfig(**saved), iters=cfg.iters, max_time=cfg.max_time)
+    tok_dir = run_dir / "tokenizer"
+    if cfg.tokenizer:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+        if tokenizer is None:
+            raise UserError("holds no tokenizer.model or tokenizer.json", file=cfg.tokenizer, field="--tokenizer")
+    elif (tok_dir / "tokenizer.model").exists():
+        tokenizer = load_tokenizer(tok_dir)
+        log(f"tokenizer: reusing {tok_dir}")
+    else:
+        vocab = cfg.vocab_size or load_preset(cfg.preset).vocab_size
+        tokenizer = train_tokenizer_on(cfg.data, vocab, tok_dir, log=log)
+    args = model_args_for(cfg, tokenizer.vocab_size, tokenizer)
+    if resume_from is not None:
+        check_resume_compatible(cfg, args, resume_from)
+    if rank == 0:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    splits = {s: tokenize_split(cfg.data, s, tokenizer, log=log) for s in ("train", "val")}
+    try:
+        splits["test"] = tokenize_split(cfg.data, "test", tokenizer, log=log)
+    except UserError:
+        log("no test split: evaluating on val only")
+    return Prepared(cfg, run_dir, resume_from, tokenizer, args, splits)
+
+
+def pretrain(cfg: TrainConfig, resume: str | bool | None = None, overwrite: bool = False, reshard: bool = False,
+             log=print) -> Path:
+    """Pretrain from scratch (or resume); under `mlx.launch`, data-parallel. Returns out/final."""
+    import mlx.core as mx
+
+    from .data import PackedBatches, eval_batches
+
+    group = mx.distributed.init()
+    rank, world = group.rank(), group.size()
+    if world > 1:
+        if not cfg.out and not isinstance(resume, str):
+            raise UserError("a data-parallel run needs an output directory all processes agree on", field="--out")
+        if rank != 0:
+            log = lambda *_: None  # noqa: E731  (process 0 speaks for the run)
+    if not resume:  # catch an impossible --seq-len before anything is written
+        model_args_for(cfg, load_preset(cfg.preset).vocab_size, _NoTokenizer())
+    with first_process_first(group):
+        run = prepare(cfg, resume, overwrite, rank, log)
+    cfg, splits, tokenizer = run.cfg, run.splits, run.tokenizer
+
+    batches = PackedBatches(splits["train"].tokens, cfg.batch_size * world, cfg.seq_len, seed=cfg.seed)
+    log(f"data: {len(splits['train'].tokens):,} training tokens = {batches.num_windows:,} windows of {cfg.seq_len}")
+    if world > 1:
+        log(f"data parallel: {world} processes x batch {cfg.batch_size} = global batch {cfg.batch_size * world}")
+        batches = batches.shard(rank, world)
+
+    model = init_weights(Model(run.args), seed=cfg.seed)
+    trainer = Trainer(model, cfg)
+    log(f"model: {model.num_parameters():,} parameters; training {cfg.iters} steps of "
+        f"{cfg.batch_size * cfg.grad_accum * world} x {cfg.seq_len} tokens (global) in {cfg.dtype}")
+
+    def run_evaluation(split: str, max_batches: int | None) -> dict[str, float]:
+        data = splits[split]
+        nats, tokens = evaluate(model, eval_batches(data.tokens, cfg.batch_size, cfg.seq_len, max_batches))
+        covered = data.n_bytes * tokens / max(len(data.tokens) - 1, 1)  # bytes of the text evaluated
+        return eval_metrics(nats, tokens, covered)
+
+    def load_weights(directory: Path) -> None:
+        ckpt.load_weights_into(model, ckpt.read_weights(directory), directory)
+
+    task = Task(train_batches=batches, evaluate=run_evaluation,
+                save_weights=lambda d: ckpt.write_model(model, tokenizer, d),
+                load_weights=load_weights, flops_per_token=flops_per_token(run.args, cfg.seq_len)["train_step"],
+                splits_at_end=tuple(s for s in ("val", "test") if s in splits),
+                samples=lambda: greedy_samples(model, tokenizer))
+    final = fit(trainer, task, run.run_dir, run.resume_from, log=log, peak_flops=peak_flops(), reshard=reshard)
+    if rank == 0:
+        summary = {e["split"]: {k: e[k] for k in ("loss", "ppl", "bpb")} for e in _final_evals(run.run_dir)}
+        (run.run_dir / "results.json").write_text(json.dumps(summary, indent=2))
+    log(f"done: {final}")
+    return final
+
+
+def _final_evals(run_dir: Path) -> list[dict]:
+    from .report import read_metrics
+
+    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "eval"]
+    last_step = max((r["step"] for r in records), default=0)
+    return [r for r in records if r["step"] == last_step]
+
+
+def greedy_samples(model, tokenizer, max_tokens: int = 24) -> list[tuple[str, str]]:
+    from .generate import generate
+
+    return [(p, generate(model, tokenizer, p, mode="greedy", max_tokens=max_tokens).text) for p in SAMPLE_PROMPTS]
+
+
+def peak_flops() -> float:
+    """The FLOP/s an MFU is measured against: the measured float32 matmul rate on a CPU.
+
+    On a GPU set MIXTRAL_MLX_PEAK_TFLOPS (e.g. 989 for an H100's dense bf16).
+    """
+    import os
+
+    import mlx.core as mx
+
+    if os.environ.get("MIXTRAL_MLX_PEAK_TFLOPS"):
+        return float(os.environ["MIXTRAL_MLX_PEAK_TFLOPS"]) * 1e12
+    from .info import matmul_gflops
+
+    return matmul_gflops(1024, 3) * 1e9 if mx.default_device() == mx.cpu else 0.0

@@ -1,0 +1,64 @@
+"""Write finetune_data/: reading comprehension over generated stories, with one-word answers.
+
+    python scripts/make_finetune_data.py [--out finetune_data] [--seed 0] [--format completion|chat]
+                                         [--train N] [--val N] [--test N]
+
+Each example is a new short story (none of them is in pretrain_data/) and one question
+about it whose answer is a word of the story: a name, place, object, colour, number or
+feeling. In the default `completion` format a line is {"prompt": story + question,
+"completion": answer}; `--format chat` writes the same as {"messages": [user, assistant]}.
+The completion is the expected answer for exact-match scoring. Deterministic from the seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+from stories import write_story
+
+DEFAULT_COUNTS = {"train": 2000, "val": 200, "test": 200}
+STORY_EVENTS = (2, 4)  # fewer events than pretraining stories: prompts of about 150 tokens
+
+
+def example(seed: int, split: str, i: int) -> tuple[str, str]:
+    """(prompt, answer) of example i: a story and one of the questions it answers."""
+    story = write_story(f"{seed}:finetune:{split}:{i}", events=STORY_EVENTS)
+    question, answer = random.Random(f"{seed}:question:{split}:{i}").choice(story.questions)
+    return f"{story.text}\n\n{question}", answer
+
+
+def line(prompt: str, answer: str, fmt: str) -> str:
+    if fmt == "chat":
+        return json.dumps({"messages": [{"role": "user", "content": prompt},
+                                        {"role": "assistant", "content": answer}]})
+    return json.dumps({"prompt": prompt, "completion": answer})
+
+
+def make(out: Path, seed: int = 0, counts: dict[str, int] = DEFAULT_COUNTS, fmt: str = "completion") -> dict[str, int]:
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = {}
+    for split, n in counts.items():
+        data = "".join(line(*example(seed, split, i), fmt) + "\n" for i in range(n)).encode()
+        (out / f"{split}.jsonl").write_bytes(data)
+        sizes[split] = len(data)
+    return sizes
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "finetune_data")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", choices=("completion", "chat"), default="completion")
+    for split, n in DEFAULT_COUNTS.items():
+        p.add_argument(f"--{split}", type=int, default=n, help=f"examples in {split}.jsonl (default {n})")
+    args = p.parse_args()
+    sizes = make(args.out, args.seed, {s: getattr(args, s) for s in DEFAULT_COUNTS}, args.format)
+    for split, size in sizes.items():
+        print(f"{args.out / split}.jsonl: {getattr(args, split):,} examples, {size / 1e6:.2f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Write pretrain_data/: short generated stories, one {"text": ...} per line.
+
+    python scripts/make_pretrain_data.py [--out pretrain_data] [--seed 0] [--train N] [--val N] [--test N]
+
+Deterministic: the same seed and counts give the same bytes. Story i of a split depends
+only on (seed, split, i), so asking for more stories extends the files without changing
+the stories already there. See pretrain_data/README.md for what the stories hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from stories import write_story
+
+DEFAULT_COUNTS = {"train": 3000, "val": 150, "test": 150}
+
+
+def make(out: Path, seed: int = 0, counts: dict[str, int] = DEFAULT_COUNTS) -> dict[str, int]:
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = {}
+    for split, n in counts.items():
+        lines = [json.dumps({"text": write_story(f"{seed}:pretrain:{split}:{i}").text}) for i in range(n)]
+        data = "".join(line + "\n" for line in lines).encode()
+        (out / f"{split}.jsonl").write_bytes(data)
+        sizes[split] = len(data)
+    return sizes
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "pretrain_data")
+    p.add_argument("--seed", type=int, default=0)
+    for split, n in DEFAULT_COUNTS.items():
+        p.add_argument(f"--{split}", type=int, default=n, help=f"stories in {split}.jsonl (default {n})")
+    args = p.parse_args()
+    sizes = make(args.out, args.seed, {s: getattr(args, s) for s in DEFAULT_COUNTS})
+    for split, size in sizes.items():
+        print(f"{args.out / split}.jsonl: {getattr(args, split):,} stories, {size / 1e6:.2f} MB")
+
+
+if __name__ == "__main__":
+    main()

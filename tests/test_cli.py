@@ -1,0 +1,28 @@
+"""The command line as a user meets it."""
+
+from __future__ import annotations
+
+from conftest import assert_user_error, run_cli
+
+
+def test_help_lists_commands():
+    r = run_cli("--help")
+    assert r.returncode == 0 and "info" in r.stdout
+
+
+def test_unknown_flag_is_one_line():
+    assert_user_error(run_cli("info", "--frobnicate"), "unrecognized arguments")
+
+
+def test_missing_model_dir(tmp_path):
+    assert_user_error(run_cli("info", "--model", str(tmp_path / "nope")), "nope", "no such model directory")
+
+
+def test_debug_shows_traceback(tmp_path):
+    r = run_cli("--debug", "info", "--model", str(tmp_path / "nope"))
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_openblas_can_be_switched_off():
+    r = run_cli("info", env={"MIXTRAL_MLX_OPENBLAS": "0"})
+    assert r.returncode == 0 and "MIXTRAL_MLX_OPENBLAS=0" in r.stdout

@@ -1,0 +1,132 @@
+"""`mixtral-mlx pretrain` end to end on the embedded data, through the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import REPO, assert_user_error, run_cli
+
+DATA = REPO / "pretrain_data"
+TINY = ["--preset", "tiny", "--data", str(DATA), "--vocab-size", "512", "--batch-size", "4", "--seq-len", "64",
+        "--eval-batches", "2"]
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if r["kind"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """Train the tokenizer once for the module: every run below reuses it."""
+    out = tmp_path_factory.mktemp("tok")
+    r = run_cli("tokenizer", "train", "--data", str(DATA), "--vocab-size", "512", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, tokenizer_dir) -> Path:
+    out = tmp_path_factory.mktemp("straight") / "run"
+    r = run_cli("pretrain", *TINY, "--tokenizer", str(tokenizer_dir), "--iters", "12", "--save-every", "4",
+                "--eval-every", "6", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_loss_falls_and_run_is_complete(straight_run):
+    losses = train_losses(straight_run)
+    assert len(losses) == 12 and np.mean(losses[-3:]) < losses[0] - 0.5
+    for name in ("config.yaml", "metrics.jsonl", "results.json", "final/config.json", "final/model.safetensors",
+                 "final/tokenizer.model", "plots/loss.png", "plots/expert_load.png", "latest"):
+        assert (straight_run / name).exists(), name
+    results = json.loads((straight_run / "results.json").read_text())
+    assert {"val", "test"} <= results.keys() and results["val"]["bpb"] > 0
+
+
+def test_checkpoint_loads_in_transformers_with_same_logits(straight_run):
+    import torch
+    from transformers import MixtralForCausalLM
+
+    import mixtral_mlx
+
+    ours, _ = mixtral_mlx.load(straight_run / "final")
+    theirs = MixtralForCausalLM.from_pretrained(straight_run / "final").eval()
+    ids = np.arange(1, 40).reshape(1, -1)
+    with torch.no_grad():
+        ref = theirs(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(np.array(ours(mx.array(ids))), ref, atol=1e-4, rtol=0)
+
+
+def test_sigterm_saves_and_resume_matches(tmp_path, straight_run, tokenizer_dir):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mixtral_mlx", "pretrain", *TINY, "--tokenizer", str(tokenizer_dir), "--iters", "12",
+           "--save-every", "4", "--eval-every", "6", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    while time.time() < deadline and len(train_losses(out)) < 5:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 130, err
+    r = run_cli("pretrain", "--resume", str(out), "--iters", "12")
+    assert r.returncode == 0, r.stderr
+    assert train_losses(out) == train_losses(straight_run)
+
+
+def test_kill_9_resumes_from_last_complete_checkpoint(tmp_path, straight_run, tokenizer_dir):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mixtral_mlx", "pretrain", *TINY, "--tokenizer", str(tokenizer_dir), "--iters", "12",
+           "--save-every", "4", "--eval-every", "6", "--out", str(out)]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "step-000004").exists():
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.kill()
+    proc.wait()
+    r = run_cli("pretrain", "--resume", str(out), "--iters", "12")
+    assert r.returncode == 0, r.stderr
+    assert train_losses(out) == train_losses(straight_run)
+
+
+def test_refuses_to_overwrite_another_run(straight_run):
+    r = run_cli("pretrain", *TINY, "--iters", "2", "--out", str(straight_run))
+    assert_user_error(r, str(straight_run), "--overwrite")
+
+
+def test_resume_needs_a_checkpoint(tmp_path):
+    assert_user_error(run_cli("pretrain", "--resume", str(tmp_path)), "no complete checkpoint")
+
+
+def test_bad_flags(tmp_path):
+    assert_user_error(run_cli("pretrain", *TINY, "--lr", "-1", "--out", str(tmp_path / "x")), "--lr")
+    assert_user_error(run_cli("pretrain", *TINY, "--seq-len", "100000", "--out", str(tmp_path / "y")), "--seq-len")
+    assert not (tmp_path / "x").exists()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("iters: 3\nlearning_rate: 0.1\n")
+    assert_user_error(run_cli("pretrain", "--config", str(bad)), "bad.yaml", "learning_rate")
+
+
+def test_eval_command(straight_run):
+    r = run_cli("eval", "--model", str(straight_run / "final"), "--data", str(DATA), "--split", "test",
+                "--seq-len", "64", "--max-batches", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads(r.stdout)
+    assert metrics["split"] == "test" and metrics["loss"] > 0 and metrics["bpb"] > 0

@@ -1,0 +1,113 @@
+"""Our Mixtral against implementations no one here wrote: transformers and mlx-lm.
+
+Tolerance: 1e-4 absolute on logits in float32 on the CPU. Both sides compute the same
+function in float32; differences come from summation order in matmuls, softmax and the
+fused attention kernel, which stay around 1e-6 relative at these sizes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mixtral_mlx
+from conftest import hf_logits, set_rope_v4_style, write_hf_model
+
+ATOL = 1e-4
+
+CASES = [
+    # (seed, overrides) covering GQA ratios 1/2/4, rope theta 1e4/1e6, windows, tying, top-1/top-2
+    (0, dict(num_key_value_heads=4)),
+    (1, dict(num_key_value_heads=2, rope_theta=1e6)),
+    (2, dict(num_key_value_heads=1, tie_word_embeddings=True)),
+    (3, dict(num_key_value_heads=2, sliding_window=7)),
+    (4, dict(num_key_value_heads=1, num_experts_per_tok=1, sliding_window=16, rope_theta=1e6)),
+    (5, dict(num_key_value_heads=4, num_experts_per_tok=1, num_local_experts=8, tie_word_embeddings=True)),
+]
+
+
+@pytest.mark.parametrize("seed,overrides", CASES)
+@pytest.mark.parametrize("dispatch", ["dense", "gather"])
+def test_logits_match_transformers(tmp_path, seed, overrides, dispatch):
+    ref_model = write_hf_model(tmp_path, seed=seed, **overrides)
+    ids = np.random.default_rng(seed).integers(0, 97, size=(2, 24))
+    model, _ = mixtral_mlx.load(tmp_path)
+    model.set_moe_dispatch(dispatch)
+    ours = np.array(model(mx.array(ids)))
+    np.testing.assert_allclose(ours, hf_logits(ref_model, ids), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("theta", [1e4, 1e6])
+def test_rope_theta_read_from_either_spelling(tmp_path, theta):
+    ref_model = write_hf_model(tmp_path, rope_theta=theta)
+    ids = np.arange(30).reshape(1, 30)
+    assert "rope_parameters" in json.loads((tmp_path / "config.json").read_text())  # transformers v5 spelling
+    v5 = np.array(mixtral_mlx.load(tmp_path)[0](mx.array(ids)))
+    set_rope_v4_style(tmp_path)
+    model, _ = mixtral_mlx.load(tmp_path)
+    assert model.args.rope_theta == theta
+    v4 = np.array(model(mx.array(ids)))
+    np.testing.assert_array_equal(v4, v5)
+    np.testing.assert_allclose(v4, hf_logits(ref_model, ids), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(sliding_window=5, tie_word_embeddings=True)])
+def test_our_checkpoint_loads_in_transformers(tmp_path, overrides):
+    from transformers import MixtralForCausalLM
+
+    write_hf_model(tmp_path / "ref", seed=7, **overrides)
+    model, _ = mixtral_mlx.load(tmp_path / "ref")
+    mixtral_mlx.save(model, None, tmp_path / "ours")
+    reloaded = MixtralForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    ids = np.random.default_rng(0).integers(0, 97, size=(1, 20))
+    np.testing.assert_allclose(hf_logits(reloaded, ids), np.array(model(mx.array(ids))), atol=ATOL, rtol=0)
+
+
+def _mlx_lm_logits(directory, ids):
+    from mlx_lm import load as mlx_lm_load
+
+    model, _ = mlx_lm_load(str(directory))
+    return np.array(model(mx.array(ids)))
+
+
+def test_mlx_lm_reads_what_we_save(tmp_path):
+    """Where its features allow (no sliding window), mlx-lm agrees with us on our checkpoint."""
+    write_hf_model(tmp_path / "ref", seed=11, rope_theta=1e4)
+    model, _ = mixtral_mlx.load(tmp_path / "ref")
+    mixtral_mlx.save(model, None, tmp_path / "ours")
+    (tmp_path / "ours" / "tokenizer_config.json").write_text("{}")  # mlx_lm.load wants a tokenizer
+    _write_byte_tokenizer(tmp_path / "ours")
+    ids = np.random.default_rng(1).integers(0, 97, size=(1, 40))
+    np.testing.assert_allclose(_mlx_lm_logits(tmp_path / "ours", ids), np.array(model(mx.array(ids))), atol=ATOL, rtol=0)
+
+
+def test_where_mlx_lm_differs_sliding_window(tmp_path):
+    """mlx-lm's Mixtral ignores `sliding_window`: past the window it attends to everything.
+
+    transformers masks keys more than `window - 1` positions back, as Mixtral's config asks,
+    and so do we; mlx-lm's logits then differ from the reference while ours match it.
+    """
+    ref_model = write_hf_model(tmp_path / "ref", seed=12, sliding_window=6)
+    model, _ = mixtral_mlx.load(tmp_path / "ref")
+    mixtral_mlx.save(model, None, tmp_path / "ours")
+    _write_byte_tokenizer(tmp_path / "ours")
+    ids = np.random.default_rng(2).integers(0, 97, size=(1, 30))
+    reference = hf_logits(ref_model, ids)
+    np.testing.assert_allclose(np.array(model(mx.array(ids))), reference, atol=ATOL, rtol=0)
+    theirs = _mlx_lm_logits(tmp_path / "ours", ids)
+    # Within the window every implementation sees the same keys ...
+    np.testing.assert_allclose(theirs[:, :6], reference[:, :6], atol=ATOL, rtol=0)
+    # ... beyond it mlx-lm attends to keys the model was configured never to see.
+    assert np.abs(theirs[:, 6:] - reference[:, 6:]).max() > 1e-2
+
+
+def _write_byte_tokenizer(directory):
+    """A minimal Hugging Face tokenizer so mlx_lm.load accepts the directory."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"<{i}>": i for i in range(97)}
+    Tokenizer(models.WordLevel(vocab, unk_token="<0>")).save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
