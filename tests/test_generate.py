@@ -18,7 +18,7 @@ from mixtral_mlx.errors import UserError
 from mixtral_mlx.generate import (GenerationConfig, PromptCache, StopStrings, StreamingDetokenizer,
                                   apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p,
                                   generate_step, make_sampler, stream_generate)
-from mixtral_mlx.tokenizer import Tokenizer
+from mixtral_mlx.tokenizer import SentencePieceTokenizer, Tokenizer, train_tokenizer
 
 ATOL = 1e-4
 PROMPT = "To be, or not to be, that is the question"
@@ -26,7 +26,21 @@ PROMPT = "To be, or not to be, that is the question"
 
 @pytest.fixture(scope="module")
 def tokenizer(sp_model) -> Tokenizer:
-    return Tokenizer(sp_model)
+    """SentencePiece as Mixtral's own tokenizer.model is set up: dummy prefix, spaces stripped at the start."""
+    return SentencePieceTokenizer(sp_model)
+
+
+@pytest.fixture(scope="module")
+def project_tokenizer() -> Tokenizer:
+    """The kind `mixtral-mlx tokenizer` trains: no dummy prefix, chat headers as single tokens."""
+    from conftest import INLINE_TEXT
+
+    return train_tokenizer(INLINE_TEXT, 400)
+
+
+@pytest.fixture(params=["mixtral-style", "project"])
+def any_tokenizer(request) -> Tokenizer:
+    return request.getfixturevalue("tokenizer" if request.param == "mixtral-style" else "project_tokenizer")
 
 
 def make_model_dir(path, sp_model, **overrides):
@@ -232,30 +246,39 @@ def with_byte_tokens(tokenizer, ids: list[int], rng: random.Random) -> list[int]
     return out
 
 
-def test_detokenizer_streams_whole_characters(tokenizer):
+def test_detokenizer_streams_whole_characters(any_tokenizer):
+    tokenizer = any_tokenizer
     rng = random.Random(0)
     for text in ["wörld 日本語 😀 end", "a  b c", " Ünïcödé ☃ 🎉🎉 ok", "x", "Ω≈ç√ 漢字"]:
         for context in (tokenizer.encode("Hello", bos=True), [tokenizer.bos_id]):
             ids = with_byte_tokens(tokenizer, tokenizer.encode(text), rng)
-            assert any(tokenizer.sp.is_byte(t) for t in ids) or text == "x"
+            assert any(tokenizer.sp.is_byte(t) for t in ids) or text.isascii()
             detokenizer = StreamingDetokenizer(tokenizer, context)
             pieces = [detokenizer.add(t) for t in ids] + [detokenizer.finalize()]
             assert not any("\ufffd" in p for p in pieces), pieces
             assert "".join(pieces) == tokenizer.decode(context + ids)[len(tokenizer.decode(context)):]
 
 
-def test_detokenizer_keeps_the_space_after_the_prompt(tokenizer):
+def test_detokenizer_keeps_the_space_after_the_prompt(any_tokenizer):
+    tokenizer = any_tokenizer
     prompt = tokenizer.encode("Hello", bos=True)
     world = tokenizer.encode(" world")
-    assert tokenizer.decode(world) == "world"  # the trap: decoding alone drops the space
     detokenizer = StreamingDetokenizer(tokenizer, prompt)
-    assert "".join(detokenizer.add(t) for t in world) == " world"
-    spaces = [tokenizer.sp.piece_to_id("▁")] * 2 + world
+    assert "".join(detokenizer.add(t) for t in world) + detokenizer.finalize() == " world"
+    space = tokenizer.sp.piece_to_id("▁")
+    assert space != tokenizer.sp.unk_id()
+    spaces = [space, space] + world
     detokenizer = StreamingDetokenizer(tokenizer, prompt)
     assert "".join(detokenizer.add(t) for t in spaces) + detokenizer.finalize() == "   world"
 
 
-def test_detokenizer_never_stalls_on_invalid_bytes(tokenizer):
+def test_decoding_alone_drops_a_leading_space(tokenizer):
+    """The trap the detokenizer avoids: Mixtral-style SentencePiece strips it."""
+    assert tokenizer.decode(tokenizer.encode(" world")) == "world"
+
+
+def test_detokenizer_never_stalls_on_invalid_bytes(any_tokenizer):
+    tokenizer = any_tokenizer
     rng = random.Random(1)
     for _ in range(50):
         ids = [rng.randrange(tokenizer.vocab_size) for _ in range(40)]
@@ -285,7 +308,7 @@ def test_generation_stops_at_a_stop_string_and_at_eos(model, tokenizer):
     assert stopped.finish_reason == "stop"
     assert stopped.text == full.text[: full.text.index(stop)]
 
-    class EndsAtFifth(Tokenizer):  # the model's 5th greedy token plays the end-of-sequence token
+    class EndsAtFifth(SentencePieceTokenizer):  # the model's 5th greedy token plays the end-of-sequence token
         eos_id = full.tokens[4]
 
     eos_tokenizer = EndsAtFifth(tokenizer.model_file)
@@ -451,3 +474,17 @@ def test_cli_adapter_for_another_base_is_refused(tmp_path, model_dir, model):
     missing = run_cli("generate", "--model", str(model_dir[0]), "--adapter", str(tmp_path / "none"),
                       "--prompt", PROMPT)
     assert_user_error(missing, "--adapter", "no such adapter directory")
+
+
+def test_cli_chat_flag_encodes_the_conversation_as_fine_tuning_does(model_dir, model, tokenizer):
+    from mixtral_mlx.generate import chat_prompt
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who are you?"}]
+    ids, stops = chat_prompt(tokenizer, messages)
+    assert ids == tokenizer.encode_chat(messages, add_generation_prompt=True)[0]
+    expected = mixtral_mlx.generate(model, tokenizer, ids, mode="greedy", max_tokens=10, stop=stops)
+    result = run_cli("generate", "--model", str(model_dir[0]), "--system", "Be brief.", "--prompt", "Who are you?",
+                     "--mode", "greedy", "--max-tokens", "10", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["stats"]["prompt_tokens"] == len(ids) and report["tokens"] == expected.tokens
