@@ -11,8 +11,9 @@ quantized per expert and saved per expert, so mlx-lm reads these checkpoints and
 read its own.
 
 On a GPU, MLX's quantized matmuls read 4 or 8 bits per weight and are the fast path.
-MLX's CPU kernel for them is a plain loop (about 2 GFLOP/s on two cores), so on the CPU
-an input of more than a few rows dequantizes the weight and uses the BLAS instead.
+MLX's CPU kernels for them are plain loops (about 2 GFLOP/s on two cores), so on the CPU
+an input of more than a few rows dequantizes the weight and runs the float matmul
+(or gather_mm) instead: decoding keeps the quantized kernels, prefill does not.
 """
 
 from __future__ import annotations
@@ -88,7 +89,10 @@ class QuantizedExpertLinear(nn.Module):
         return self.weight.shape[0]
 
     def gather(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        """x: (..., 1 or k, 1, in), indices: (..., k) -> (..., k, 1, out), expert indices[i] on row i."""
+        """Row i of x through expert indices[i], as `ExpertLinear.gather`."""
+        if _dequantize_first(x):
+            return mx.gather_mm(x, _dequantized(self).swapaxes(-1, -2), rhs_indices=indices,
+                                sorted_indices=sorted_indices)
         return mx.gather_qmm(x, self["weight"], self["scales"], self.get("biases"), rhs_indices=indices,
                              transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode,
                              sorted_indices=sorted_indices)
