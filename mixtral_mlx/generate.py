@@ -194,23 +194,16 @@ def make_sampler(temp: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: f
 
 
 # ---------------------------------------------------------------------- prompts
-# The transcript used when the tokenizer has no chat template of its own.
+# Where a model that never learned the default `### User:` template's EOS would go on.
 PLAIN_CHAT_STOPS = ("\n### User:", "\n### System:")
 
 
-def chat_prompt(tokenizer, messages: list[dict]) -> tuple[str, list[str]]:
-    """A conversation ({"role", "content"} dicts) as the text the model continues, and
-    the stop strings that end the assistant's turn.
-
-    Uses the tokenizer's chat template when it has one (its turns end with EOS);
-    otherwise a plain `### System/User/Assistant:` transcript ending with the
-    assistant's cue, whose turn ends where the model starts writing the user's.
-    """
-    template = getattr(tokenizer, "apply_chat_template", None)
-    if template is not None:
-        return template(messages), []
-    turns = [f"### {m['role'].capitalize()}: {m['content']}" for m in messages]
-    return "\n".join(turns + ["### Assistant:"]), list(PLAIN_CHAT_STOPS)
+def chat_prompt(tokenizer, messages: list[dict]) -> tuple[list[int], list[str]]:
+    """A conversation ({"role", "content"} dicts) as the token ids the model continues,
+    encoded as fine-tuning encodes it (`Tokenizer.encode_chat`), and the stop strings that
+    end the assistant's turn besides EOS."""
+    ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
+    return ids, [] if tokenizer.has_chat_template else list(PLAIN_CHAT_STOPS)
 
 
 def encode_prompt(tokenizer, prompt: str | Sequence[int]) -> list[int]:
@@ -287,7 +280,9 @@ def generate_step(model, prompt: Sequence[int], config: GenerationConfig, cache:
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, penalty)
-        key, subkey = mx.random.split(key)
+        subkey = None
+        if config.temperature > 0:
+            key, subkey = mx.random.split(key)
         token = sampler(logits, subkey)
         if seen is not None:
             seen = mx.where(mx.arange(seen.size) == token, True, seen)

@@ -11,8 +11,9 @@ quantized per expert and saved per expert, so mlx-lm reads these checkpoints and
 read its own.
 
 On a GPU, MLX's quantized matmuls read 4 or 8 bits per weight and are the fast path.
-MLX's CPU kernel for them is a plain loop (about 2 GFLOP/s on two cores), so on the CPU
-an input of more than a few rows dequantizes the weight and uses the BLAS instead.
+MLX's CPU kernels for them are plain loops (about 2 GFLOP/s on two cores), so on the CPU
+an input of more than a few rows dequantizes the weight and runs the float matmul
+(or gather_mm) instead: decoding keeps the quantized kernels, prefill does not.
 """
 
 from __future__ import annotations

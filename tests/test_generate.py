@@ -18,15 +18,29 @@ from mixtral_mlx.errors import UserError
 from mixtral_mlx.generate import (GenerationConfig, PromptCache, StopStrings, StreamingDetokenizer,
                                   apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p,
                                   generate_step, make_sampler, stream_generate)
-from mixtral_mlx.tokenizer import SentencePieceTokenizer
+from mixtral_mlx.tokenizer import SentencePieceTokenizer, Tokenizer, train_tokenizer
 
 ATOL = 1e-4
 PROMPT = "To be, or not to be, that is the question"
 
 
 @pytest.fixture(scope="module")
-def tokenizer(sp_model) -> SentencePieceTokenizer:
+def tokenizer(sp_model) -> Tokenizer:
+    """SentencePiece as Mixtral's own tokenizer.model is set up: dummy prefix, spaces stripped at the start."""
     return SentencePieceTokenizer(sp_model)
+
+
+@pytest.fixture(scope="module")
+def project_tokenizer() -> Tokenizer:
+    """The kind `mixtral-mlx tokenizer` trains: no dummy prefix, chat headers as single tokens."""
+    from conftest import INLINE_TEXT
+
+    return train_tokenizer(INLINE_TEXT, 400)
+
+
+@pytest.fixture(params=["mixtral-style", "project"])
+def any_tokenizer(request) -> Tokenizer:
+    return request.getfixturevalue("tokenizer" if request.param == "mixtral-style" else "project_tokenizer")
 
 
 def make_model_dir(path, sp_model, **overrides):
@@ -232,30 +246,39 @@ def with_byte_tokens(tokenizer, ids: list[int], rng: random.Random) -> list[int]
     return out
 
 
-def test_detokenizer_streams_whole_characters(tokenizer):
+def test_detokenizer_streams_whole_characters(any_tokenizer):
+    tokenizer = any_tokenizer
     rng = random.Random(0)
     for text in ["wörld 日本語 😀 end", "a  b c", " Ünïcödé ☃ 🎉🎉 ok", "x", "Ω≈ç√ 漢字"]:
         for context in (tokenizer.encode("Hello", bos=True), [tokenizer.bos_id]):
             ids = with_byte_tokens(tokenizer, tokenizer.encode(text), rng)
-            assert any(tokenizer.sp.is_byte(t) for t in ids) or text == "x"
+            assert any(tokenizer.sp.is_byte(t) for t in ids) or text.isascii()
             detokenizer = StreamingDetokenizer(tokenizer, context)
             pieces = [detokenizer.add(t) for t in ids] + [detokenizer.finalize()]
             assert not any("\ufffd" in p for p in pieces), pieces
             assert "".join(pieces) == tokenizer.decode(context + ids)[len(tokenizer.decode(context)):]
 
 
-def test_detokenizer_keeps_the_space_after_the_prompt(tokenizer):
+def test_detokenizer_keeps_the_space_after_the_prompt(any_tokenizer):
+    tokenizer = any_tokenizer
     prompt = tokenizer.encode("Hello", bos=True)
     world = tokenizer.encode(" world")
-    assert tokenizer.decode(world) == "world"  # the trap: decoding alone drops the space
     detokenizer = StreamingDetokenizer(tokenizer, prompt)
-    assert "".join(detokenizer.add(t) for t in world) == " world"
-    spaces = [tokenizer.sp.piece_to_id("▁")] * 2 + world
+    assert "".join(detokenizer.add(t) for t in world) + detokenizer.finalize() == " world"
+    space = tokenizer.sp.piece_to_id("▁")
+    assert space != tokenizer.sp.unk_id()
+    spaces = [space, space] + world
     detokenizer = StreamingDetokenizer(tokenizer, prompt)
     assert "".join(detokenizer.add(t) for t in spaces) + detokenizer.finalize() == "   world"
 
 
-def test_detokenizer_never_stalls_on_invalid_bytes(tokenizer):
+def test_decoding_alone_drops_a_leading_space(tokenizer):
+    """The trap the detokenizer avoids: Mixtral-style SentencePiece strips it."""
+    assert tokenizer.decode(tokenizer.encode(" world")) == "world"
+
+
+def test_detokenizer_never_stalls_on_invalid_bytes(any_tokenizer):
+    tokenizer = any_tokenizer
     rng = random.Random(1)
     for _ in range(50):
         ids = [rng.randrange(tokenizer.vocab_size) for _ in range(40)]
@@ -405,3 +428,63 @@ def test_cli_hub_repo_is_downloaded_through_huggingface_hub(model_dir, model, to
     assert code == 0 and calls == ["someone/tiny-mixtral"]
     expected = mixtral_mlx.generate(model, tokenizer, PROMPT, mode="greedy", max_tokens=10)
     assert capsys.readouterr().out == expected.text + "\n"
+
+
+# ---------------------------------------------------------------------- adapters
+def write_mlx_lm_adapter(directory, model, rank: int = 4, scale: float = 2.0, seed: int = 0, base_model=None):
+    """A LoRA adapter on every q_proj in mlx-lm's layout; returns {layer: (lora_a, lora_b)}."""
+    rng = np.random.default_rng(seed)
+    h, q = model.args.hidden_size, model.args.num_attention_heads * model.args.head_dim
+    arrays = {}
+    for i in range(len(model.layers)):
+        arrays[f"model.layers.{i}.self_attn.q_proj.lora_a"] = mx.array(rng.normal(size=(h, rank)).astype(np.float32) * 0.1)
+        arrays[f"model.layers.{i}.self_attn.q_proj.lora_b"] = mx.array(rng.normal(size=(rank, q)).astype(np.float32) * 0.1)
+    directory.mkdir()
+    mx.save_safetensors(str(directory / "adapters.safetensors"), arrays)
+    config = {"fine_tune_type": "lora", "num_layers": len(model.layers),
+              "lora_parameters": {"rank": rank, "scale": scale, "dropout": 0.0, "keys": ["self_attn.q_proj"]}}
+    if base_model is not None:
+        config["base_model"] = base_model
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    return arrays
+
+
+def test_cli_adapter_is_added_to_the_model(tmp_path, model_dir, tokenizer):
+    pytest.importorskip("mixtral_mlx.lora", reason="adapters come with the fine-tuning module")
+    fused, _ = mixtral_mlx.load(model_dir[0])
+    arrays = write_mlx_lm_adapter(tmp_path / "adapter", fused)
+    for i, layer in enumerate(fused.layers):  # the adapter folded into the weights by hand
+        a, b = arrays[f"model.layers.{i}.self_attn.q_proj.lora_a"], arrays[f"model.layers.{i}.self_attn.q_proj.lora_b"]
+        layer.self_attn.q_proj.weight = layer.self_attn.q_proj.weight + 2.0 * (a @ b).T
+    out = tmp_path / "logits.npy"
+    result = run_cli("generate", "--model", str(model_dir[0]), "--adapter", str(tmp_path / "adapter"),
+                     "--prompt", PROMPT, "--mode", "raw", "--logits-out", str(out))
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_allclose(np.load(out), np.array(mixtral_mlx.next_token_logits(fused, tokenizer, PROMPT)),
+                               atol=ATOL, rtol=0)
+
+
+def test_cli_adapter_for_another_base_is_refused(tmp_path, model_dir, model):
+    pytest.importorskip("mixtral_mlx.lora", reason="adapters come with the fine-tuning module")
+    other = model.args.to_hf() | {"hidden_size": 2 * model.args.hidden_size}
+    write_mlx_lm_adapter(tmp_path / "adapter", model, base_model=other)
+    result = run_cli("generate", "--model", str(model_dir[0]), "--adapter", str(tmp_path / "adapter"),
+                     "--prompt", PROMPT, "--mode", "greedy")
+    assert_user_error(result, "adapter_config.json", "another base")
+    missing = run_cli("generate", "--model", str(model_dir[0]), "--adapter", str(tmp_path / "none"),
+                      "--prompt", PROMPT)
+    assert_user_error(missing, "--adapter", "no such adapter directory")
+
+
+def test_cli_chat_flag_encodes_the_conversation_as_fine_tuning_does(model_dir, model, tokenizer):
+    from mixtral_mlx.generate import chat_prompt
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who are you?"}]
+    ids, stops = chat_prompt(tokenizer, messages)
+    assert ids == tokenizer.encode_chat(messages, add_generation_prompt=True)[0]
+    expected = mixtral_mlx.generate(model, tokenizer, ids, mode="greedy", max_tokens=10, stop=stops)
+    result = run_cli("generate", "--model", str(model_dir[0]), "--system", "Be brief.", "--prompt", "Who are you?",
+                     "--mode", "greedy", "--max-tokens", "10", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["stats"]["prompt_tokens"] == len(ids) and report["tokens"] == expected.tokens

@@ -90,11 +90,11 @@ def _load(args: argparse.Namespace):
     """The model and its tokenizer, or a UserError before anything heavy when the directory is unusable."""
     from ..checkpoint import load
 
-    start = time.perf_counter()
     if args.adapter:
         from ..lora import adapter_dir
 
         adapter_dir(args.adapter)  # a missing adapter fails before the model loads
+    start = time.perf_counter()
     model, tokenizer = load(args.model, dtype=args.dtype)
     if tokenizer is None:
         raise UserError("the model directory holds no tokenizer.model", file=args.model)
@@ -157,12 +157,12 @@ def run_generate(args: argparse.Namespace) -> int:
         raise UserError("the prompt is empty", field="--prompt-file" if args.prompt_file else "--prompt")
 
     model, tokenizer = _load(args)
-    stops: list[str] = []
     if args.chat or args.system is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        text, stops = chat_prompt(tokenizer, messages + [{"role": "user", "content": text}])
-    settings["stop"] = tuple(settings["stop"]) + tuple(stops)
-    prompt = encode_prompt(tokenizer, text)
+        prompt, stops = chat_prompt(tokenizer, messages + [{"role": "user", "content": text}])
+        settings["stop"] = tuple(settings["stop"]) + tuple(stops)
+    else:
+        prompt = encode_prompt(tokenizer, text)
     if args.mode == "raw":
         return _raw(args, model, tokenizer, prompt, settings)
     if args.mode == "one-token":
@@ -287,13 +287,13 @@ def run_chat(args: argparse.Namespace) -> int:
             del history[1 if args.system else 0:]
             continue
         history.append({"role": "user", "content": message})
-        text, stops = chat_prompt(tokenizer, history)
+        prompt, stops = chat_prompt(tokenizer, history)
         reply, stats = [], None
         try:
             turn = dict(settings, stop=tuple(settings["stop"]) + tuple(stops))
             if args.seed is not None:  # reproducible, yet not the same random draws every turn
                 turn["seed"] = args.seed + len(history)
-            for chunk in stream_generate(model, tokenizer, text, cache=cache, progress=_PrefillBar(), **turn):
+            for chunk in stream_generate(model, tokenizer, prompt, cache=cache, progress=_PrefillBar(), **turn):
                 reply.append(chunk.text)
                 stats = chunk.stats
                 print(chunk.text, end="", flush=True)
