@@ -29,9 +29,10 @@ import mlx.nn as nn
 from .config import ModelArgs
 
 DISPATCHES = ("auto", "dense", "gather", "grouped")
+GATHER_BELOW_TOKENS = 32  # `auto` on the CPU gathers for fewer tokens than this
 
 
-def resolve_dispatch(dispatch: str) -> str:
+def resolve_dispatch(dispatch: str, num_tokens: int | None = None) -> str:
     if dispatch not in DISPATCHES:
         raise ValueError(f"unknown MoE dispatch {dispatch!r}; choose from {DISPATCHES}")
     if dispatch == "auto":
