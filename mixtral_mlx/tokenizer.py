@@ -111,35 +111,35 @@ _HEADERS = {"system": "### System:", "user": "### User:", "assistant": "### Assi
 
 
 def _chat_segments(messages: Sequence[Message], add_generation_prompt: bool):
-    """(text, is_assistant_reply, then_eos) pieces of the `### Role: content` template.
+    """(text, is_reply) pieces of the `### Role: content` template; EOS follows each reply.
 
     Turns are separated by newlines; every header is followed by a space and the content,
-    so the reply starts at a word boundary and its tokens do not depend on the header's.
+    so a reply starts at a word boundary and its tokens do not depend on the header's.
     """
     for i, m in enumerate(messages):
         sep = "\n" if i else ""
         if m["role"] == "assistant":
-            yield sep + _HEADERS["assistant"], False, False
-            yield " " + m["content"], True, True
+            yield sep + _HEADERS["assistant"], False
+            yield " " + m["content"], True
         else:
-            yield f"{sep}{_HEADERS[m['role']]} {m['content']}", False, False
+            yield f"{sep}{_HEADERS[m['role']]} {m['content']}", False
     if add_generation_prompt and (not messages or messages[-1]["role"] != "assistant"):
-        yield ("\n" if messages else "") + _HEADERS["assistant"], False, False
+        yield ("\n" if messages else "") + _HEADERS["assistant"], False
 
 
 def default_chat_template(messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
     """`### System: ...` / `### User: ...` / `### Assistant: ...`, one turn per line."""
-    return "".join(text for text, _, _ in _chat_segments(messages, add_generation_prompt))
+    return "".join(text for text, _ in _chat_segments(messages, add_generation_prompt))
 
 
 def _encode_default_chat(tok: Tokenizer, messages: Sequence[Message],
                          add_generation_prompt: bool) -> tuple[list[int], list[int]]:
     segments = list(_chat_segments(messages, add_generation_prompt))
-    encoded = tok.encode_batch([text for text, _, _ in segments], num_threads=1)
+    encoded = tok.encode_batch([text for text, _ in segments], num_threads=1)
     ids = [tok.bos_id] if tok.bos_id is not None else []
     mask = [0] * len(ids)
-    for (_, reply, then_eos), seg_ids in zip(segments, encoded):
-        if then_eos and tok.eos_id is not None:
+    for (_, reply), seg_ids in zip(segments, encoded):
+        if reply and tok.eos_id is not None:
             seg_ids = seg_ids + [tok.eos_id]
         ids += seg_ids
         mask += [int(reply)] * len(seg_ids)

@@ -16,13 +16,14 @@ from pathlib import Path
 from stories import write_story
 
 DEFAULT_COUNTS = {"train": 3000, "val": 150, "test": 150}
+QUIZ = 0.5  # the share of stories that end with questions about them and their answers
 
 
 def make(out: Path, seed: int = 0, counts: dict[str, int] = DEFAULT_COUNTS) -> dict[str, int]:
     out.mkdir(parents=True, exist_ok=True)
     sizes = {}
     for split, n in counts.items():
-        lines = [json.dumps({"text": write_story(f"{seed}:pretrain:{split}:{i}").text}) for i in range(n)]
+        lines = [json.dumps({"text": write_story(f"{seed}:pretrain:{split}:{i}", quiz=QUIZ).text}) for i in range(n)]
         data = "".join(line + "\n" for line in lines).encode()
         (out / f"{split}.jsonl").write_bytes(data)
         sizes[split] = len(data)

@@ -5,7 +5,8 @@ they say, a count of animals, a gift, a snack sum, a pet that finds what was los
 way home. Each event has a few wordings, and which events happen, to whom and with what
 is drawn at random, so the stories share a vocabulary of a few hundred words yet differ
 in their facts. Every fact a story states is recorded as a question with a one-word
-answer (`Story.questions`), which is what the fine-tuning task asks about.
+answer (`Story.questions`): what the fine-tuning task asks about, and what some
+pretraining stories end with.
 
 Everything comes from `random.Random` seeded with a string, so a seed gives the same text
 on every machine (string seeds are hashed with SHA-512, not Python's salted hash).
@@ -134,8 +135,12 @@ def _number(rng: random.Random, n: int) -> str:
     return str(n) if n > len(NUMBER_WORDS) - 1 or rng.random() < 0.6 else NUMBER_WORDS[n]
 
 
-def write_story(seed: str, events: tuple[int, int] = (5, 8)) -> Story:
-    """One story from `seed`; `events` bounds how many optional events it holds."""
+def write_story(seed: str, events: tuple[int, int] = (5, 8), quiz: float = 0.0) -> Story:
+    """One story from `seed`; `events` bounds how many optional events it holds.
+
+    With probability `quiz` the story ends, as in a children's reader, with a few of its
+    questions and their answers ("Who found the kite? Ben"), one per line.
+    """
     rng = random.Random(seed)
     w = _Writer(rng)
     names = rng.sample(GIRLS, 2) + rng.sample(BOYS, 2)
@@ -259,4 +264,8 @@ def write_story(seed: str, events: tuple[int, int] = (5, 8)) -> Story:
                   f"{hero.name} went to bed {feeling} and dreamed of the {color} {obj}.",
                   f"It was a good day, and {hero.name} felt {feeling}."]))
     w.ask(f"How did {hero.name} feel at the end of the day?", feeling)
-    return Story(w.text(), w.questions)
+    text = w.text()
+    if rng.random() < quiz:
+        asked = rng.sample(w.questions, rng.randint(2, 4))
+        text += "\n\nQuestions about the story:\n" + "\n".join(f"{q} {a}" for q, a in asked)
+    return Story(text, w.questions)
