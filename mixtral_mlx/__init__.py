@@ -9,7 +9,8 @@ from .errors import UserError  # noqa: E402
 from .model import Model  # noqa: E402
 from .checkpoint import load, save  # noqa: E402
 from .generate import generate, next_token_logits, stream_generate  # noqa: E402
+from .analysis import capture  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ModelArgs", "Model", "UserError", "generate", "load", "load_preset", "next_token_logits", "save",
-           "stream_generate", "__version__"]
+__all__ = ["ModelArgs", "Model", "UserError", "capture", "generate", "load", "load_preset", "next_token_logits",
+           "save", "stream_generate", "__version__"]

@@ -24,6 +24,24 @@ def attention_mask(q_len: int, n_keys: int, offset: int, window: int | None):
     return (k_pos <= q_pos) & (q_pos - k_pos < window)
 
 
+CAUSAL_BLOCK = 64  # queries per block of `causal_attention_in_blocks`
+
+
+def causal_attention_in_blocks(q: mx.array, k: mx.array, v: mx.array, scale: float, block: int = CAUSAL_BLOCK):
+    """Causal attention a block of queries at a time, each block over the keys up to its last query.
+
+    Equals one causal `scaled_dot_product_attention` call. On the CPU, where that call is
+    composed of matmul, softmax and matmul over all (queries, keys) scores, the blocks skip
+    most of the masked half and keep each score matrix small: at 256 positions (small
+    preset, 2-core CPU) forward and backward take 0.4x the time.
+    """
+    L, past = q.shape[2], k.shape[2] - q.shape[2]  # `past`: cached positions before the queries
+    blocks = [mx.fast.scaled_dot_product_attention(q[:, :, s : s + block], k[:, :, : past + s + block],
+                                                   v[:, :, : past + s + block], scale=scale, mask="causal")
+              for s in range(0, L, block)]
+    return mx.concatenate(blocks, axis=2)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -58,6 +76,12 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array, cache=None) -> mx.array:
         B, L, _ = x.shape
         q, k, v, offset = self.qkv(x, cache)
-        mask = attention_mask(L, k.shape[2], offset, self.window)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        # A compiled decoding step's cache hands back its whole buffer and the mask of its filled slots.
+        mask = getattr(cache, "slot_mask", None)
+        if mask is None:
+            mask = attention_mask(L, k.shape[2], offset, self.window)
+        if isinstance(mask, str) and L > CAUSAL_BLOCK and mx.default_device() == mx.cpu:
+            out = causal_attention_in_blocks(q, k, v, self.scale)
+        else:  # a GPU's fused kernel skips masked blocks itself
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))

@@ -70,6 +70,17 @@ def atomic_directory(target: str | Path):
         raise
 
 
+def ensure_writable(directory: Path, flag: str | None = None) -> None:
+    """Create `directory` and prove it takes a file, or say which flag names an unwritable place."""
+    probe = Path(directory) / f".write-test-{os.getpid()}"
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write there ({e.strerror or e})", file=directory, field=flag) from None
+
+
 # ---------------------------------------------------------------------- name mapping
 def to_hf_weights(model: Model) -> dict[str, mx.array]:
     """Our parameters under transformers' names, one tensor per expert."""
@@ -200,6 +211,9 @@ def load_weights_into(model: Model, weights: dict[str, mx.array], source: str | 
         if weights[name].shape != param.shape:
             raise UserError(f"shape {tuple(weights[name].shape)} does not match the config's {tuple(param.shape)}",
                             file=source, field=_hf_name(name))
+    for name, value in weights.items():
+        if mx.issubdtype(value.dtype, mx.floating) and not mx.isfinite(value).all().item():
+            raise UserError("tensor holds NaN or infinite values", file=source, field=_hf_name(name))
     unexpected = sorted(set(weights) - set(expected))
     if unexpected:
         raise UserError("unexpected tensor (does config.json match these weights?)", file=source, field=unexpected[0])

@@ -27,7 +27,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -232,10 +232,13 @@ class TokenizedSplit:
 
 
 def default_cache_dir(data_dir: str | Path) -> Path:
-    """`<data_dir>/.cache`, or the user's cache when the data directory is read-only."""
-    data_dir = Path(data_dir)
-    if os.access(data_dir, os.W_OK) or os.access(data_dir / ".cache", os.W_OK):
-        return data_dir / ".cache"
+    """Where tokenized splits are cached: `$MIXTRAL_MLX_CACHE`, else the user's cache.
+
+    Never inside the data directory: data sets are often shared or read-only, and the
+    cache key (a hash of the data file and the tokenizer) does not depend on where they lie.
+    """
+    if os.environ.get("MIXTRAL_MLX_CACHE"):
+        return Path(os.environ["MIXTRAL_MLX_CACHE"])
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return base / "mixtral-mlx" / "tokenized"
 
@@ -442,16 +445,12 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int,
 
 
 def num_eval_batches(n_tokens: int, batch_size: int, seq_len: int) -> int:
-    return -(-(-(-(n_tokens - 1) // seq_len)) // batch_size)
+    """How many batches `eval_batches` yields for a split of `n_tokens`."""
+    windows = -(-(n_tokens - 1) // seq_len)
+    return -(-windows // batch_size)
 
 
 # ---------------------------------------------------------------------- fine-tuning batches
-@dataclass
-class _Encoded:
-    ids: list[np.ndarray] = field(default_factory=list)
-    masks: list[np.ndarray] = field(default_factory=list)
-
-
 class FinetuneBatches:
     """Conversations through the chat template, loss on the replies, padded and bucketed.
 
@@ -470,21 +469,24 @@ class FinetuneBatches:
     def __init__(self, examples: Sequence[Example], tokenizer: Tokenizer, batch_size: int, seed: int = 0,
                  shuffle: bool = True, mask_prompt: bool = True, max_seq_len: int | None = None,
                  pad_to: int = 1, bucket_batches: int = 16, log: Callable[[str], None] = print):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise UserError(f"must be a positive integer, got {batch_size!r}", field="--batch-size")
+        for name, value in (("--batch-size", batch_size), ("--seq-len", max_seq_len or 1), ("pad_to", pad_to),
+                            ("bucket_batches", bucket_batches)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"must be a positive integer, got {value!r}", field=name)
         if not examples:
             raise UserError("no examples to fine-tune on", field="--data")
-        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
-        self.mask_prompt, self.max_seq_len, self.pad_to, self.bucket_batches = mask_prompt, max_seq_len, pad_to, bucket_batches
+        self.batch_size, self.seed, self.shuffle, self.mask_prompt = batch_size, seed, shuffle, mask_prompt
+        self.max_seq_len, self.pad_to, self.bucket_batches = max_seq_len, pad_to, bucket_batches
         self.pad_id = next(i for i in (tokenizer.pad_id, tokenizer.eos_id, 0) if i is not None)
         self.rank, self.world = 0, 1
         self.epoch, self.offset = 0, 0
-        self._encoded = self._encode(examples, tokenizer, log)
-        self.lengths = np.array([len(x) for x in self._encoded.ids], np.int64)
+        self._ids, self._masks = self._encode(examples, tokenizer, log)
+        self.lengths = np.array([len(x) for x in self._ids], np.int64)
         self._order_cache: tuple[int, list[np.ndarray]] | None = None
 
-    def _encode(self, examples: Sequence[Example], tokenizer: Tokenizer, log) -> _Encoded:
-        out, truncated = _Encoded(), 0
+    def _encode(self, examples: Sequence[Example], tokenizer: Tokenizer,
+                log) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        all_ids, all_masks, truncated = [], [], 0
         limit = None if self.max_seq_len is None else self.max_seq_len + 1
         for e in examples:
             if e.format == "text":
@@ -503,16 +505,16 @@ class FinetuneBatches:
                                 field="messages" if e.format == "chat" else "completion")
             if cut:
                 ids, mask, truncated = ids[:limit], mask[:limit], truncated + 1
-            out.ids.append(np.asarray(ids, np.int32))
-            out.masks.append(np.asarray(mask, np.float32))
+            all_ids.append(np.asarray(ids, np.int32))
+            all_masks.append(np.asarray(mask, np.float32))
         if truncated:
             log(f"warning: {truncated:,} of {len(examples):,} examples were longer than {limit} tokens "
                 "and were cut at the end")
-        return out
+        return all_ids, all_masks
 
     @property
     def num_examples(self) -> int:
-        return len(self._encoded.ids)
+        return len(self._ids)
 
     @property
     def num_tokens(self) -> int:
@@ -521,7 +523,7 @@ class FinetuneBatches:
     @property
     def num_trained_tokens(self) -> int:
         """Targets the loss counts in one epoch (mask 1)."""
-        return int(sum(m[1:].sum() for m in self._encoded.masks))
+        return int(sum(m[1:].sum() for m in self._masks))
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -564,7 +566,7 @@ class FinetuneBatches:
         targets = np.full((len(rows), width), self.pad_id, np.int32)
         mask = np.zeros((len(rows), width), np.float32)
         for r, i in enumerate(rows):
-            ids, m = self._encoded.ids[i], self._encoded.masks[i]
+            ids, m = self._ids[i], self._masks[i]
             n = len(ids) - 1
             inputs[r, :n], targets[r, :n], mask[r, :n] = ids[:-1], ids[1:], m[1:]
         return {"inputs": inputs, "targets": targets, "mask": mask}

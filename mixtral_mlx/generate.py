@@ -7,8 +7,9 @@
 
 The prompt is prefilled in chunks into the per-layer KV caches (a rolling buffer for
 sliding-window models, so memory stays flat however long generation runs); every later
-step feeds one token. Each step is queued with `mx.async_eval` before the previous token
-is handed to the caller, so Python work overlaps the model's.
+step feeds one token through the compiled one-token step (decode.py). Each step is
+queued with `mx.async_eval` before the previous token is handed to the caller, so
+Python work overlaps the model's.
 
 `stream_generate` yields one `GenerationChunk` per token: the text that token completed
 (never half a multi-byte character, never text that may still turn out to be part of a
@@ -27,6 +28,7 @@ from typing import Callable, Iterator, Sequence
 import mlx.core as mx
 
 from .cache import make_cache
+from .decode import decode_step
 from .errors import UserError
 
 MODES = ("sample", "greedy", "one-token", "raw")
@@ -270,9 +272,11 @@ def generate_step(model, prompt: Sequence[int], config: GenerationConfig, cache:
         seen = mx.zeros((model.args.vocab_size,), dtype=mx.bool_)
         seen[mx.array(prompt)] = True
 
+    decode = decode_step(model)  # the model on one token, compiled
+
     def step(token: mx.array) -> tuple[mx.array, mx.array]:
         nonlocal key, seen
-        logits = model(token.reshape(1, 1), cache)[:, -1, :].astype(mx.float32)
+        logits = decode(token.reshape(1, 1), cache).astype(mx.float32)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, penalty)

@@ -54,6 +54,9 @@ class Model(nn.Module):
         self.model = MixtralModel(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        # Activation checkpointing: keep only each layer's input for the backward pass and
+        # recompute the rest there (less memory, about one more forward of compute).
+        self.grad_checkpoint = False
 
     @property
     def layers(self) -> list[DecoderLayer]:
@@ -71,7 +74,12 @@ class Model(nn.Module):
         h = self.model.embed_tokens(inputs)
         all_router, all_hidden = [], [h]
         for i, layer in enumerate(self.layers):
-            h, layer_router = layer(h, cache[i] if cache is not None else None)
+            if cache is not None:
+                h, layer_router = layer(h, cache[i])
+            elif self.grad_checkpoint:
+                h, layer_router = nn.utils.checkpoint(layer)(h)
+            else:
+                h, layer_router = layer(h)
             all_router.append(layer_router)
             all_hidden.append(h)
         logits = self.head(self.model.norm(h))

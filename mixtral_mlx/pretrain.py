@@ -46,13 +46,19 @@ def resolve_config(flags: dict[str, Any], yaml_path: str | None = None) -> Train
     """Preset defaults < YAML file < flags (flags that were not given are None and ignored)."""
     from_yaml = read_yaml(yaml_path) if yaml_path else {}
     preset = flags.get("preset") or from_yaml.get("preset") or TrainConfig.preset
-    values = dict(read_preset(preset).get("train", {}))
-    values["preset"] = preset
+    defaults = {**read_preset(preset).get("train", {}), "preset": preset}
+    return layer_settings(TrainConfig, defaults, from_yaml, yaml_path, flags)
+
+
+def layer_settings(config_class: type[TrainConfig], defaults: dict[str, Any], from_yaml: dict[str, Any],
+                   yaml_path: str | None, flags: dict[str, Any]) -> TrainConfig:
+    """defaults < YAML values < flags given (not None), validated; errors name the file or the flag."""
+    values = dict(defaults)
     if from_yaml:
-        TrainConfig.from_dict(from_yaml, source=str(yaml_path))  # names an unknown key in the file
+        config_class.from_dict(from_yaml, source=str(yaml_path))  # names an unknown key in the file
         values.update(from_yaml)
     values.update({k: v for k, v in flags.items() if v is not None})
-    cfg = TrainConfig.from_dict(values, source=str(yaml_path or "flags"))
+    cfg = config_class.from_dict(values, source=str(yaml_path or "flags"))
     return cfg.validate(str(yaml_path) if yaml_path else "flags")
 
 
@@ -97,7 +103,7 @@ def prepare_run_dir(cfg: TrainConfig, resume: str | bool | None, overwrite: bool
                 shutil.rmtree(child)
             else:
                 child.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.ensure_writable(run_dir, flag="--out")
     return run_dir, None
 
 
@@ -112,6 +118,19 @@ def check_resume_compatible(cfg: TrainConfig, args: ModelArgs, checkpoint: Path)
         if saved["config"].get(key) != getattr(cfg, key):
             raise UserError(f"was {saved['config'].get(key)} in the saved run, now {getattr(cfg, key)}: "
                             "exact resume needs the same data order", file=checkpoint / ckpt.STATE_FILE, field=key)
+
+
+def join_processes(cfg: TrainConfig, resume, log):
+    """The data-parallel group (size 1 when alone), and a `log` that only process 0 writes to."""
+    import mlx.core as mx
+
+    group = mx.distributed.init()
+    if group.size() > 1:
+        if not cfg.out and not isinstance(resume, str):
+            raise UserError("a data-parallel run needs an output directory all processes agree on", field="--out")
+        if group.rank() != 0:
+            log = lambda *_: None  # noqa: E731  (process 0 speaks for the run)
+    return group, log
 
 
 @contextlib.contextmanager
@@ -145,14 +164,31 @@ class Prepared:
     splits: dict[str, Any]
 
 
-def prepare(cfg: TrainConfig, resume, overwrite: bool, rank: int, log) -> Prepared:
-    from .data import tokenize_split, train_tokenizer_on
+# Settings a resumed run may change: how long it goes on, and how often it reports.
+RESUMABLE = {"iters", "max_time", "eval_every", "eval_batches", "save_every", "keep", "log_every", "wandb", "out"}
+
+
+def resumed_config(cfg: TrainConfig, saved: dict, explicit: dict[str, Any], source: Path) -> TrainConfig:
+    """The saved run's settings, with the few that may change taken from `explicit` (what the user set)."""
+    for key, value in explicit.items():
+        if key not in RESUMABLE and saved.get(key) != value and key in saved:
+            raise UserError(f"the run was saved with {key}={saved.get(key)!r}, not {value!r}; a resumed run keeps "
+                            "its settings (start a new run to change it)", file=source,
+                            field=f"--{key.replace('_', '-')}")
+    return dataclasses.replace(TrainConfig(**saved), **{k: getattr(cfg, k) for k in RESUMABLE if k in explicit})
+
+
+def prepare(cfg: TrainConfig, resume, overwrite: bool, rank: int, log, explicit: dict[str, Any] | None = None) -> Prepared:
+    from .data import load_split, tokenize_split, train_tokenizer_on
     from .tokenizer import load_tokenizer
 
+    if not resume:  # bad data is reported before anything is written
+        for split in ("train", "val"):
+            load_split(cfg.data, split)
     run_dir, resume_from = prepare_run_dir(cfg, resume, overwrite, first=rank == 0)
     if resume_from is not None:  # the run's own settings win over the defaults
         saved = ckpt.read_trainer_state(resume_from)["config"]
-        cfg = dataclasses.replace(TrainConfig(**saved), iters=cfg.iters, max_time=cfg.max_time)
+        cfg = resumed_config(cfg, saved, explicit or {}, resume_from / ckpt.STATE_FILE)
     tok_dir = run_dir / "tokenizer"
     if cfg.tokenizer:
         tokenizer = load_tokenizer(cfg.tokenizer)
@@ -178,23 +214,19 @@ def prepare(cfg: TrainConfig, resume, overwrite: bool, rank: int, log) -> Prepar
 
 
 def pretrain(cfg: TrainConfig, resume: str | bool | None = None, overwrite: bool = False, reshard: bool = False,
-             log=print) -> Path:
-    """Pretrain from scratch (or resume); under `mlx.launch`, data-parallel. Returns out/final."""
-    import mlx.core as mx
+             log=print, explicit: dict[str, Any] | None = None) -> Path:
+    """Pretrain from scratch (or resume); under `mlx.launch`, data-parallel. Returns out/final.
 
+    `explicit`: the settings the user gave (flags and YAML); on resume only a few may change.
+    """
     from .data import PackedBatches, eval_batches
 
-    group = mx.distributed.init()
+    group, log = join_processes(cfg, resume, log)
     rank, world = group.rank(), group.size()
-    if world > 1:
-        if not cfg.out and not isinstance(resume, str):
-            raise UserError("a data-parallel run needs an output directory all processes agree on", field="--out")
-        if rank != 0:
-            log = lambda *_: None  # noqa: E731  (process 0 speaks for the run)
     if not resume:  # catch an impossible --seq-len before anything is written
         model_args_for(cfg, load_preset(cfg.preset).vocab_size, _NoTokenizer())
     with first_process_first(group):
-        run = prepare(cfg, resume, overwrite, rank, log)
+        run = prepare(cfg, resume, overwrite, rank, log, explicit)
     cfg, splits, tokenizer = run.cfg, run.splits, run.tokenizer
 
     batches = PackedBatches(splits["train"].tokens, cfg.batch_size * world, cfg.seq_len, seed=cfg.seed)

@@ -89,8 +89,8 @@ class QuantizedExpertLinear(nn.Module):
         return self.weight.shape[0]
 
     def gather(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        """Row i of x through expert indices[i], as `ExpertLinear.gather`."""
-        if _dequantize_first(x):
+        """The rows of block i of x through expert indices[i] (see ExpertLinear.gather)."""
+        if _dequantize_first(x):  # many rows (the grouped dispatch): the BLAS on dequantized weights
             return mx.gather_mm(x, _dequantized(self).swapaxes(-1, -2), rhs_indices=indices,
                                 sorted_indices=sorted_indices)
         return mx.gather_qmm(x, self["weight"], self["scales"], self.get("biases"), rhs_indices=indices,

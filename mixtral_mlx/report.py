@@ -68,6 +68,7 @@ class Reporter:
         self.bar.close()
         if self.wandb is not None:
             self.wandb.finish()
+            self.wandb = None
 
 
 def read_metrics(metrics_file: Path) -> list[dict]:

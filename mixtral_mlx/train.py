@@ -29,6 +29,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .errors import UserError
+from .losses import cross_entropy, head_cross_entropy
 from .moe import load_balancing_loss, router_z_loss
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -52,6 +53,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1
     dtype: str = "float32"
+    grad_checkpoint: bool = False  # recompute activations in the backward pass: less memory, more time
     eval_every: int = 100
     eval_batches: int = 8
     save_every: int = 200
@@ -85,6 +87,8 @@ class TrainConfig:
         need(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         need(self.max_time is None or self.max_time > 0, "max_time", f"must be positive, got {self.max_time!r}")
         need(self.aux_loss_coef is None or self.aux_loss_coef >= 0, "aux_loss_coef", "must be >= 0")
+        need(isinstance(self.grad_checkpoint, bool), "grad_checkpoint",
+             f"must be true or false, got {self.grad_checkpoint!r}")
         return self
 
     @classmethod
@@ -115,9 +119,9 @@ def loss_terms(model, batch: dict[str, mx.array], n_tokens: mx.array, n_micro: m
     per-micro-batch means and are averaged.
     Returns (total, (ce_sum, aux, z, expert_counts (layers, E))).
     """
-    out = model.forward(batch["inputs"], router_logits=True)
-    ce = nn.losses.cross_entropy(out.logits.astype(mx.float32), batch["targets"]) * batch["mask"]
-    ce_sum = ce.sum()
+    # The logits are left to the fused head and loss (the forward's own are never evaluated).
+    out = model.forward(batch["inputs"], router_logits=True, hidden_states=True)
+    ce_sum = head_cross_entropy(model, out.hidden_states[-1], batch["targets"], batch["mask"])
     top_k = model.args.num_experts_per_tok
     aux = load_balancing_loss(out.router_logits, top_k)
     z = router_z_loss(out.router_logits)
@@ -158,6 +162,10 @@ class Trainer:
         self.model, self.cfg = model, cfg
         self.aux_coef = model.args.router_aux_loss_coef if cfg.aux_loss_coef is None else cfg.aux_loss_coef
         self.compute_dtype = DTYPES[cfg.dtype]
+        if cfg.grad_checkpoint and model.args.router_jitter_noise > 0:
+            # the recomputation would draw other noise than the forward pass did
+            raise UserError("cannot be combined with router_jitter_noise > 0", field="grad_checkpoint")
+        model.grad_checkpoint = cfg.grad_checkpoint
         self.optimizer = optim.AdamW(learning_rate=lr_schedule(cfg), weight_decay=cfg.weight_decay)
         # float32 master copy of what trains; the model holds it cast to the compute dtype
         self.master = tree_map(lambda p: p.astype(mx.float32), model.trainable_parameters())
@@ -285,7 +293,7 @@ def evaluate(model, batches: Iterator[dict[str, np.ndarray]]) -> tuple[float, in
     total, count = 0.0, 0
     for batch in batches:
         logits = model(mx.array(batch["inputs"]))
-        ce = nn.losses.cross_entropy(logits.astype(mx.float32), mx.array(batch["targets"])) * mx.array(batch["mask"])
+        ce = cross_entropy(logits, mx.array(batch["targets"])) * mx.array(batch["mask"])
         total += ce.sum().item()
         count += int(batch["mask"].sum())
     return total, count
@@ -362,12 +370,17 @@ def fit(trainer: Trainer, task: Task, run_dir: Path, resume_from: Path | None = 
             return
         full = {**state, "step": trainer.step, "config": asdict(cfg), "model": trainer.model.args.to_hf(),
                 "data": task.train_batches.state(), "world_size": trainer.world, **task.extra_state}
-        with ckpt.atomic_directory(directory) as tmp:
-            task.save_weights(tmp)
-            mx.save_safetensors(str(tmp / ckpt.OPTIMIZER_FILE), trainer.optimizer_arrays())
-            if trainer.compute_dtype != mx.float32:
-                mx.save_safetensors(str(tmp / ckpt.MASTER_FILE), trainer.master_arrays())
-            (tmp / ckpt.STATE_FILE).write_text(json.dumps(full, indent=1))
+        try:
+            with ckpt.atomic_directory(directory) as tmp:
+                task.save_weights(tmp)
+                mx.save_safetensors(str(tmp / ckpt.OPTIMIZER_FILE), trainer.optimizer_arrays())
+                if trainer.compute_dtype != mx.float32:
+                    mx.save_safetensors(str(tmp / ckpt.MASTER_FILE), trainer.master_arrays())
+                (tmp / ckpt.STATE_FILE).write_text(json.dumps(full, indent=1))
+        except (OSError, RuntimeError) as e:  # disk full, read-only, quota: MLX's writer raises RuntimeError
+            latest = ckpt.latest_checkpoint(run_dir)
+            raise UserError(f"could not write the checkpoint at step {trainer.step} ({str(e).splitlines()[0]}); "
+                            f"the previous checkpoint is intact: {latest or 'none'}", file=directory) from None
         if pointer:
             ckpt.write_pointer(run_dir, directory.name)
             ckpt.prune_checkpoints(run_dir, cfg.keep)
@@ -388,51 +401,59 @@ def fit(trainer: Trainer, task: Task, run_dir: Path, resume_from: Path | None = 
         if is_main:
             plot_run(run_dir)
 
-    start = time.perf_counter() - state["elapsed"]
-    with StopRequest() as stop:
-        while trainer.step < cfg.iters:
-            if cfg.max_time is not None and time.perf_counter() - start >= 60 * cfg.max_time:
-                reporter.message(f"--max-time {cfg.max_time} min reached at step {trainer.step}")
-                break
-            try:
-                micro = [next(task.train_batches) for _ in range(cfg.grad_accum)]
-            except BaseException:
-                trainer.fail()
-                raise
-            t0 = time.perf_counter()
-            result = trainer.train_step(micro, stop_requested=stop.signal is not None)
-            dt = time.perf_counter() - t0
-            if not (math.isfinite(result.loss) and math.isfinite(result.grad_norm)):
-                latest = ckpt.latest_checkpoint(run_dir)
-                raise UserError(f"loss became {result.loss} (grad norm {result.grad_norm}) at step {trainer.step}; "
-                                f"stopped without saving. Last good checkpoint: {latest or 'none'}. "
-                                f"Try a lower --lr or --grad-clip.")
-            state["tokens_seen"] += result.tokens
-            state["elapsed"] = time.perf_counter() - start
-            record = {"kind": "train", "step": trainer.step, "loss": result.loss, "aux_loss": result.aux,
-                      "z_loss": result.z, "lr": trainer.lr, "grad_norm": result.grad_norm,
-                      "tokens_seen": state["tokens_seen"], "tokens_per_s": result.tokens / dt,
-                      "step_time": dt, "elapsed": state["elapsed"]}
-            if trainer.step % cfg.log_every == 0 or trainer.step == 1:
-                counts = result.expert_counts
-                record["expert_load"] = (counts / counts.sum(axis=1, keepdims=True)).round(4).tolist()
-            reporter.step(record)
-            if trainer.step % cfg.eval_every == 0 and trainer.step < cfg.iters:  # the last is the final one
-                run_eval()
-            if result.stop:  # every process sees the same flag and stops at the same step
-                save(ckpt.step_dir(run_dir, trainer.step), pointer=True)
-                reporter.close()
-                if is_main:
-                    log(f"stopped at step {trainer.step}; saved {ckpt.step_dir(run_dir, trainer.step)} "
-                        f"(resume with --resume {run_dir})")
-                raise Interrupted
-            if trainer.step % cfg.save_every == 0:
-                save(ckpt.step_dir(run_dir, trainer.step), pointer=True)
-    run_eval(task.splits_at_end, max_batches=None)
-    final = run_dir / "final"
-    save(final, pointer=False)
-    reporter.close()
-    return final
+    try:
+        start = time.perf_counter() - state["elapsed"]
+        with StopRequest() as stop:
+            while trainer.step < cfg.iters:
+                if cfg.max_time is not None and time.perf_counter() - start >= 60 * cfg.max_time:
+                    reporter.message(f"--max-time {cfg.max_time} min reached at step {trainer.step}")
+                    break
+                try:
+                    micro = [next(task.train_batches) for _ in range(cfg.grad_accum)]
+                except BaseException:
+                    trainer.fail()
+                    raise
+                t0 = time.perf_counter()
+                try:
+                    result = trainer.train_step(micro, stop_requested=stop.signal is not None)
+                except (MemoryError, RuntimeError) as e:
+                    if not isinstance(e, MemoryError) and "memory" not in str(e).lower() and "alloc" not in str(e).lower():
+                        raise
+                    raise UserError(f"out of memory at step {trainer.step + 1}: lower --batch-size or --seq-len, or "
+                                    f"use --grad-accum; last good checkpoint: {ckpt.latest_checkpoint(run_dir) or 'none'}"
+                                    ) from None
+                dt = time.perf_counter() - t0
+                if not (math.isfinite(result.loss) and math.isfinite(result.grad_norm)):
+                    latest = ckpt.latest_checkpoint(run_dir)
+                    raise UserError(f"loss became {result.loss} (grad norm {result.grad_norm}) at step {trainer.step}; "
+                                    f"stopped without saving. Last good checkpoint: {latest or 'none'}. "
+                                    f"Try a lower --lr or --grad-clip.")
+                state["tokens_seen"] += result.tokens
+                state["elapsed"] = time.perf_counter() - start
+                record = {"kind": "train", "step": trainer.step, "loss": result.loss, "aux_loss": result.aux,
+                          "z_loss": result.z, "lr": trainer.lr, "grad_norm": result.grad_norm,
+                          "tokens_seen": state["tokens_seen"], "tokens_per_s": result.tokens / dt,
+                          "step_time": dt, "elapsed": state["elapsed"]}
+                if trainer.step % cfg.log_every == 0 or trainer.step == 1:
+                    counts = result.expert_counts
+                    record["expert_load"] = (counts / counts.sum(axis=1, keepdims=True)).round(4).tolist()
+                reporter.step(record)
+                if trainer.step % cfg.eval_every == 0 and trainer.step < cfg.iters:  # the last is the final one
+                    run_eval()
+                if result.stop:  # every process sees the same flag and stops at the same step
+                    save(ckpt.step_dir(run_dir, trainer.step), pointer=True)
+                    if is_main:
+                        log(f"stopped at step {trainer.step}; saved {ckpt.step_dir(run_dir, trainer.step)} "
+                            f"(resume with --resume {run_dir})")
+                    raise Interrupted
+                if trainer.step % cfg.save_every == 0:
+                    save(ckpt.step_dir(run_dir, trainer.step), pointer=True)
+        run_eval(task.splits_at_end, max_batches=None)
+        final = run_dir / "final"
+        save(final, pointer=False)
+        return final
+    finally:
+        reporter.close()  # end the progress bar before an error message is printed
 
 
 def restore(trainer: Trainer, task: Task, directory: Path, reshard: bool = False) -> dict:

@@ -6,4 +6,12 @@
 #   scripts/quickstart.sh --cuda     Linux with an NVIDIA GPU
 if [ "${1:-}" = "--cuda" ]; then export MIXTRAL_MLX_BACKEND=cuda; shift; fi
 source "$(dirname "$0")/setup.sh"
-$PY -m mixtral_mlx info --preset small
+$PY -m mixtral_mlx info
+
+echo "==> pretraining the small preset on pretrain_data/ (about 10 minutes on a 2-core CPU)"
+$PY -m mixtral_mlx pretrain --out runs/quickstart --overwrite --max-time "${QUICKSTART_MINUTES:-10}"
+
+echo "==> a sample from the trained model"
+$PY -m mixtral_mlx generate --model runs/quickstart/final --prompt "Once upon a time" --mode greedy --max-tokens 80
+echo
+echo "==> plots: runs/quickstart/plots/*.png; metrics: runs/quickstart/metrics.jsonl"

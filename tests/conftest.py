@@ -76,6 +76,19 @@ def assert_user_error(result, *needles: str) -> None:
         assert needle in lines[0], (needle, lines[0])
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tokenized_cache(tmp_path_factory):
+    """Keep the tests' tokenized splits out of the user's cache (CLI subprocesses inherit it)."""
+    path = tmp_path_factory.mktemp("tokenized-cache")
+    previous = os.environ.get("MIXTRAL_MLX_CACHE")
+    os.environ["MIXTRAL_MLX_CACHE"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("MIXTRAL_MLX_CACHE", None)
+    else:
+        os.environ["MIXTRAL_MLX_CACHE"] = previous
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import mixtral_mlx  # noqa: F401  (preloads OpenBLAS before anything imports mlx)
-from mixtral_mlx.data import (Example, FinetuneBatches, PackedBatches, eval_batches, find_split, load_split,
-                              num_eval_batches, read_split, tokenize_split)
+from mixtral_mlx.data import (Example, FinetuneBatches, PackedBatches, default_cache_dir, eval_batches, find_split,
+                              load_split, num_eval_batches, read_split, tokenize_split)
 from mixtral_mlx.errors import UserError
 from mixtral_mlx.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
@@ -177,7 +177,7 @@ def test_tokenize_split_layout_and_cache_reuse(tmp_path):
     t = tokenize_split(data, "train", CharTokenizer(), log=logs.append)
     assert t.tokens.dtype == np.uint16 and t.tokens.tolist() == [1, 107, 108, 2, 1, 243, 2]
     assert (t.n_bytes, t.n_docs, t.n_tokens) == (4, 2, 7)  # "é" is two UTF-8 bytes
-    assert "MB/s" in logs[-1] and t.cache_file.parent == data / ".cache"
+    assert "MB/s" in logs[-1] and t.cache_file.parent == default_cache_dir(data)
     again = tokenize_split(data, "train", CharTokenizer(), log=logs.append)
     assert "reused" in logs[-1] and isinstance(again.tokens, np.memmap)
     assert again.tokens.tolist() == t.tokens.tolist() and again.n_bytes == 4
@@ -192,12 +192,14 @@ def test_chat_documents_use_the_template(tmp_path):
     assert CharTokenizer().decode(t.tokens.tolist()) == "### User: Q\n### Assistant: A"
 
 
-def test_read_only_data_dir_caches_in_the_user_cache(tmp_path, monkeypatch):
+def test_cache_lives_outside_the_data_dir(tmp_path, monkeypatch):
     data = text_dir(tmp_path)
+    monkeypatch.delenv("MIXTRAL_MLX_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as if data/ were read-only
     t = tokenize_split(data, "val", CharTokenizer(), log=lambda _: None)
     assert t.cache_file.is_relative_to(tmp_path / "xdg") and not (data / ".cache").exists()
+    monkeypatch.setenv("MIXTRAL_MLX_CACHE", str(tmp_path / "env"))
+    assert tokenize_split(data, "val", CharTokenizer(), log=lambda _: None).cache_file.parent == tmp_path / "env"
     t = tokenize_split(data, "val", CharTokenizer(), cache_dir=tmp_path / "mine", log=lambda _: None)
     assert t.cache_file.parent == tmp_path / "mine"
 

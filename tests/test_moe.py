@@ -1,4 +1,4 @@
-"""The sparse MoE block: both dispatches compute the same function and gradients; router losses."""
+"""The sparse MoE block: every dispatch computes the same function and gradients; router losses."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 
 from mixtral_mlx import Model, load_preset
 from mixtral_mlx.model import init_weights
-from mixtral_mlx.moe import SparseMoeBlock, load_balancing_loss, router_z_loss, scatter_gates
+from mixtral_mlx.moe import (SparseMoeBlock, group_block_size, group_by_expert, load_balancing_loss, router_z_loss,
+                             scatter_gates)
 
 
 def block(top_k=2, experts=4, seed=0):
@@ -20,31 +21,62 @@ def block(top_k=2, experts=4, seed=0):
     return SparseMoeBlock(args)
 
 
-@pytest.mark.parametrize("top_k,experts,tokens", [(1, 4, 5), (2, 4, 7), (2, 8, 100), (3, 8, 40)])
-def test_dense_and_gather_agree(top_k, experts, tokens):
+# Token counts span one-row blocks (decoding) and two-row blocks.
+@pytest.mark.parametrize("top_k,experts,tokens", [(1, 4, 5), (2, 4, 7), (2, 8, 100), (3, 8, 40), (2, 4, 600),
+                                                  (1, 2, 2100)])
+@pytest.mark.parametrize("dispatch", ["gather", "grouped"])
+def test_dispatches_agree_with_dense(top_k, experts, tokens, dispatch):
     moe = block(top_k, experts)
     x = mx.random.normal((1, tokens, 64))
     moe.dispatch = "dense"
     dense, logits_d = moe(x)
-    moe.dispatch = "gather"
-    gather, logits_g = moe(x)
-    np.testing.assert_allclose(np.array(dense), np.array(gather), atol=1e-5)
-    np.testing.assert_array_equal(np.array(logits_d), np.array(logits_g))
+    moe.dispatch = dispatch
+    other, logits_o = moe(x)
+    np.testing.assert_allclose(np.array(dense), np.array(other), atol=1e-5)
+    np.testing.assert_array_equal(np.array(logits_d), np.array(logits_o))
 
 
-def test_gradients_agree_between_dispatches():
+@pytest.mark.parametrize("seq_len", [3, 33])  # one-row and two-row blocks
+def test_gradients_agree_between_dispatches(seq_len):
     model = init_weights(Model(load_preset("tiny")), seed=3)
-    ids = mx.array(np.random.default_rng(0).integers(0, 512, size=(2, 33)))
+    ids = mx.array(np.random.default_rng(0).integers(0, 512, size=(2, seq_len)))
 
     def loss(inputs, targets):
         return nn.losses.cross_entropy(model(inputs), targets).mean()
 
     grads = {}
-    for dispatch in ("dense", "gather"):
+    for dispatch in ("dense", "gather", "grouped"):
         model.set_moe_dispatch(dispatch)
         grads[dispatch] = dict(tree_flatten(nn.value_and_grad(model, loss)(ids[:, :-1], ids[:, 1:])[1]))
-    for name, g in grads["dense"].items():
-        np.testing.assert_allclose(np.array(g), np.array(grads["gather"][name]), atol=1e-5, err_msg=name)
+    for dispatch in ("gather", "grouped"):
+        for name, g in grads["dense"].items():
+            np.testing.assert_allclose(np.array(g), np.array(grads[dispatch][name]), atol=1e-5,
+                                       err_msg=f"{dispatch}: {name}")
+
+
+@pytest.mark.parametrize("skew", [False, True])
+def test_groups_hold_each_pair_once_in_single_expert_blocks(skew):
+    E, block = 4, 8
+    rng = np.random.default_rng(1)
+    # skewed: nearly everything on expert 2, experts 0 and 3 unused (the worst padding)
+    choices = rng.choice([1, 2], size=(50, 2), p=[0.1, 0.9]) if skew else rng.integers(0, E, size=(50, 2))
+    choices[:, 1] = np.where(choices[:, 0] == choices[:, 1], (choices[:, 1] + 1) % E, choices[:, 1])
+    groups = group_by_expert(mx.array(choices), E, block)
+    row, pair, expert = (np.array(a) for a in groups)
+    pairs = choices.size
+    assert len(pair) == (pairs + E * (block - 1)) // block * block  # the static bound
+    assert sorted(row.tolist()) == sorted(set(row.tolist()))  # no two pairs share a row
+    np.testing.assert_array_equal(pair[row], np.arange(pairs))
+    assert (np.diff(expert) >= 0).all()
+    for r, p in enumerate(pair):
+        if p < pairs:  # a real pair sits in a block of its own expert
+            assert expert[r // block] == choices.reshape(-1)[p]
+
+
+def test_block_size():
+    assert group_block_size(2, 8) == 1  # decoding one token: no pad rows
+    assert group_block_size(64, 8) == 2
+    assert group_block_size(4096, 8) == 2
 
 
 def test_scores_equal_softmax_then_renormalise():

@@ -60,16 +60,17 @@ def test_every_linear_layer_embedding_and_expert_is_quantized():
     assert is_quantized(model)
 
 
-def test_quantized_logits_stay_close_and_both_dispatches_agree():
+def test_quantized_logits_stay_close_and_the_dispatches_agree():
     ids = mx.array(np.random.default_rng(0).integers(0, 512, size=(1, 48)))
     reference = np.array(tiny_model()(ids))
     for bits, bound in [(8, 0.02), (4, 0.3)]:
         model = quantize_model(tiny_model(), group_size=64, bits=bits)
         outputs = {}
-        for dispatch in ("dense", "gather"):
+        for dispatch in ("dense", "gather", "grouped"):
             model.set_moe_dispatch(dispatch)
             outputs[dispatch] = np.array(model(ids))
         np.testing.assert_allclose(outputs["dense"], outputs["gather"], atol=ATOL, rtol=0)
+        np.testing.assert_allclose(outputs["dense"], outputs["grouped"], atol=ATOL, rtol=0)
         assert np.abs(outputs["dense"] - reference).max() < bound
 
 

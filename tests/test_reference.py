@@ -30,7 +30,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("seed,overrides", CASES)
-@pytest.mark.parametrize("dispatch", ["dense", "gather"])
+@pytest.mark.parametrize("dispatch", ["dense", "gather", "grouped"])
 def test_logits_match_transformers(tmp_path, seed, overrides, dispatch):
     ref_model = write_hf_model(tmp_path, seed=seed, **overrides)
     ids = np.random.default_rng(seed).integers(0, 97, size=(2, 24))
@@ -38,6 +38,16 @@ def test_logits_match_transformers(tmp_path, seed, overrides, dispatch):
     model.set_moe_dispatch(dispatch)
     ours = np.array(model(mx.array(ids)))
     np.testing.assert_allclose(ours, hf_logits(ref_model, ids), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(sliding_window=200, tie_word_embeddings=True)])
+def test_long_input_matches_transformers(tmp_path, overrides):
+    """200 positions: the CPU's defaults take their fast paths (causal attention in query
+    blocks, the grouped dispatch's two-row blocks); a window as long as the input is causal."""
+    ref_model = write_hf_model(tmp_path, seed=8, **overrides)
+    ids = np.random.default_rng(8).integers(0, 97, size=(2, 200))
+    model, _ = mixtral_mlx.load(tmp_path)
+    np.testing.assert_allclose(np.array(model(mx.array(ids))), hf_logits(ref_model, ids), atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("theta", [1e4, 1e6])

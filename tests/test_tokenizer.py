@@ -13,7 +13,7 @@ import mixtral_mlx  # noqa: F401  (preloads OpenBLAS before anything imports mlx
 from mixtral_mlx.config import load_preset
 from mixtral_mlx.errors import UserError
 from mixtral_mlx.tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, HFTokenizer, SentencePieceTokenizer,
-                                   Tokenizer, check_tokenizer, default_chat_template, load_tokenizer,
+                                   check_tokenizer, default_chat_template, load_tokenizer,
                                    train_tokenizer)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,6 +69,10 @@ def test_bos_eos_and_batch_encoding(sp):
     assert sp.encode("the cat", bos=True, eos=True) == [BOS_ID] + sp.encode("the cat") + [EOS_ID]
     assert sp.encode_batch(texts, num_threads=2) == [sp.encode(t) for t in texts]
     assert sp.encode_batch(texts, bos=True)[2] == [BOS_ID]
+
+
+def test_training_is_deterministic(sp):
+    assert train_tokenizer(corpus(), 320).fingerprint == sp.fingerprint
 
 
 def test_vocab_size_is_an_upper_bound(tmp_path):
@@ -238,8 +242,10 @@ def test_tokenizer_json_wins_over_tokenizer_model(hf, sp, tmp_path):
     assert isinstance(load_tokenizer(tmp_path), HFTokenizer)
 
 
-def test_every_kind_is_a_tokenizer(sp, hf):
-    assert isinstance(sp, Tokenizer) and isinstance(hf, Tokenizer)
+def test_broken_tokenizer_json(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{ not json")
+    with pytest.raises(UserError, match="tokenizer.json: cannot load the Hugging Face tokenizer"):
+        load_tokenizer(tmp_path)
 
 
 # ---------------------------------------------------------------------- CLI

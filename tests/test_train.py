@@ -1,4 +1,4 @@
-"""The training core: schedule, accumulation, exact resume, NaN handling."""
+"""The training core: schedule, accumulation, checkpointing, exact resume, NaN handling."""
 
 from __future__ import annotations
 
@@ -100,6 +100,29 @@ def test_grad_accumulation_equals_one_big_batch():
         results.append(dict(ckpt.to_hf_weights(trainer.model)))
     for name, value in results[0].items():
         np.testing.assert_allclose(np.array(value), np.array(results[1][name]), atol=2e-6, err_msg=name)
+
+
+def test_grad_checkpoint_trains_exactly_as_without():
+    """Recomputing activations in the backward pass changes memory and time, not the numbers."""
+    runs = []
+    for checkpointing in (False, True):
+        cfg = TrainConfig(iters=5, warmup=0, lr=1e-3, grad_checkpoint=checkpointing)
+        trainer = Trainer(init_weights(Model(load_preset("tiny")), seed=0), cfg)
+        batches = CountingBatches()
+        steps = [trainer.train_step([next(batches)]) for _ in range(3)]
+        runs.append((steps, dict(ckpt.to_hf_weights(trainer.model))))
+    (plain, plain_weights), (checkpointed, checkpointed_weights) = runs
+    for a, b in zip(plain, checkpointed):
+        assert b.loss == pytest.approx(a.loss, rel=1e-6) and b.grad_norm == pytest.approx(a.grad_norm, rel=1e-5)
+    for name, value in plain_weights.items():
+        np.testing.assert_allclose(np.array(checkpointed_weights[name]), np.array(value), atol=1e-6, err_msg=name)
+
+
+def test_grad_checkpoint_refuses_router_jitter():
+    args = load_preset("tiny")
+    args.router_jitter_noise = 0.1
+    with pytest.raises(UserError, match="grad_checkpoint"):
+        Trainer(Model(args), TrainConfig(grad_checkpoint=True))
 
 
 class InterruptAt(CountingBatches):

@@ -13,9 +13,9 @@ import sys
 
 from .. import blas as _blas  # noqa: F401  (imports the package, which preloads OpenBLAS before mlx)
 from ..errors import UserError
-from . import data, evaluate, generate, info, pretrain, tokenizer
+from . import analyze, data, evaluate, finetune, fuse, generate, info, pretrain, tokenizer
 
-COMMANDS = [info, data, tokenizer, pretrain, evaluate, generate]
+COMMANDS = [info, data, tokenizer, pretrain, finetune, fuse, evaluate, generate, analyze]
 
 
 class Parser(argparse.ArgumentParser):

@@ -1,46 +1,82 @@
-"""`mixtral-mlx eval`: loss, perplexity and bits per byte of any checkpoint on a split."""
+"""`mixtral-mlx eval`: loss, perplexity and bits per byte, or task accuracy, of any checkpoint on a split."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+
+TASKS = ("loss", "exact-match")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a checkpoint on a data split")
+    p = sub.add_parser("eval", help="evaluate a checkpoint (with or without an adapter) on a data split")
     p.add_argument("--model", required=True, help="model directory or Hub repo")
+    p.add_argument("--adapter", help="adapter directory (or fine-tuning run) to add to the model")
     p.add_argument("--data", default="pretrain_data", help="directory of jsonl splits")
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--task", default="loss", choices=TASKS,
+                   help="loss: loss, perplexity and bits per byte over the split's text; exact-match: greedy "
+                        "answers to each prompt scored against the expected completion")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--max-batches", type=int, default=None, help="evaluate only this many batches")
-    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--limit", type=int, default=None, help="exact-match: score only the first N examples")
+    p.add_argument("--max-tokens", type=int, default=32, help="exact-match: longest answer to generate")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON (the only line on stdout)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import load
+    from ..errors import UserError
+
+    for flag in ("batch_size", "seq_len", "max_batches", "limit", "max_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise UserError(f"must be positive, got {value}", field=f"--{flag.replace('_', '-')}")
+    if args.adapter:
+        from ..lora import adapter_dir
+
+        adapter_dir(args.adapter)  # a missing adapter fails before the model loads
+    model, tokenizer = load(args.model)
+    if tokenizer is None:
+        raise UserError("holds no tokenizer (tokenizer.model or tokenizer.json)", file=args.model)
+    if args.adapter:
+        from ..lora import load_adapter
+
+        load_adapter(model, args.adapter)
+    metrics = (exact_match(model, tokenizer, args) if args.task == "exact-match" else loss(model, tokenizer, args))
+    metrics.update(split=args.split, model=str(args.model), adapter=args.adapter, data=str(args.data))
+    if args.json:
+        print(json.dumps(metrics))
+    elif args.task == "exact-match":
+        print(f"{args.split}: exact match {100 * metrics['exact_match']:.1f}% "
+              f"({metrics['correct']:,} of {metrics['total']:,})")
+    else:
+        print(f"{args.split}: loss {metrics['loss']:.4f}  ppl {metrics['ppl']:.2f}  "
+              f"bits/byte {metrics['bpb']:.4f}  ({metrics['tokens']:,} tokens)")
+    return 0
+
+
+def loss(model, tokenizer, args) -> dict:
     from ..data import eval_batches, tokenize_split
     from ..errors import UserError
     from ..train import eval_metrics, evaluate
 
-    for flag in ("batch_size", "seq_len", "max_batches"):
-        value = getattr(args, flag)
-        if value is not None and value <= 0:
-            raise UserError(f"must be positive, got {value}", field=f"--{flag.replace('_', '-')}")
-    model, tokenizer = load(args.model)
-    if tokenizer is None:
-        raise UserError("holds no tokenizer (tokenizer.model or tokenizer.json)", file=args.model)
     if args.seq_len > model.args.max_position_embeddings:
         raise UserError(f"{args.seq_len} is longer than the model's context ({model.args.max_position_embeddings})",
                         field="--seq-len")
-    data = tokenize_split(args.data, args.split, tokenizer)
+    data = tokenize_split(args.data, args.split, tokenizer, log=lambda m: print(m, file=sys.stderr))
     nats, tokens = evaluate(model, eval_batches(data.tokens, args.batch_size, args.seq_len, args.max_batches))
     metrics = eval_metrics(nats, tokens, data.n_bytes * tokens / max(len(data.tokens) - 1, 1))
-    metrics.update(split=args.split, tokens=tokens, model=str(args.model), data=str(args.data))
-    if args.json:
-        print(json.dumps(metrics))
-    else:
-        print(f"{args.split}: loss {metrics['loss']:.4f}  ppl {metrics['ppl']:.2f}  "
-              f"bits/byte {metrics['bpb']:.4f}  ({tokens:,} tokens)")
-    return 0
+    return {**metrics, "tokens": tokens}
+
+
+def exact_match(model, tokenizer, args) -> dict:
+    from ..data import read_split
+    from ..finetune import exact_match as score
+
+    examples = read_split(args.data, args.split)[:args.limit]
+    result = score(model, tokenizer, examples, max_tokens=args.max_tokens)
+    return {k: v for k, v in result.items() if k != "rows"}

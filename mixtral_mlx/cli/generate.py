@@ -56,7 +56,7 @@ def register(sub) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a model directory or Hugging Face Hub repo id")
-    p.add_argument("--adapter", help="a fine-tuned adapter (directory or fine-tuning run) to add to the model")
+    p.add_argument("--adapter", help="a LoRA / DoRA / ESFT adapter directory (or fine-tuning run) to add")
     p.add_argument("--dtype", choices=DTYPES, help="cast the weights after loading (default: as stored)")
     p.add_argument("--verbose", action="store_true",
                    help="print prompt tokens, prefill and decode tokens/s and peak memory")
@@ -101,7 +101,7 @@ def _load(args: argparse.Namespace):
     if args.adapter:
         from ..lora import load_adapter
 
-        load_adapter(model, args.adapter)  # a UserError if it was made for another base
+        load_adapter(model, args.adapter)
     if args.verbose:
         from ..info import count_parameters  # from the config: packed quantized weights count once each
 

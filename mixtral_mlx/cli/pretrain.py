@@ -20,6 +20,7 @@ FLAGS = {
     "grad_clip": (float, "clip gradients to this global norm (0: off)"),
     "grad_accum": (int, "micro-batches per optimizer step"),
     "dtype": (str, "float32, bfloat16 or float16 compute (master weights stay float32)"),
+    "grad_checkpoint": (bool, "recompute activations in the backward pass: less memory, ~30%% more time"),
     "eval_every": (int, "evaluate every N steps"),
     "eval_batches": (int, "validation batches per periodic evaluation (the final one covers the whole split)"),
     "save_every": (int, "checkpoint every N steps"),
@@ -41,7 +42,11 @@ def register(sub) -> None:
                                    "OUT/config.yaml.")
     p.add_argument("--config", help="YAML file of settings")
     for name, (kind, help_text) in FLAGS.items():
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, help=help_text)
+        if kind is bool:  # a switch: given means true, absent leaves the YAML's or the default
+            p.add_argument(f"--{name.replace('_', '-')}", dest=name, action="store_const", const=True, default=None,
+                           help=help_text)
+        else:
+            p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, help=help_text)
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR",
                    help="continue a run from its latest checkpoint (DIR, or --out)")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out directory that holds a run")
@@ -51,8 +56,10 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..pretrain import pretrain, resolve_config
+    from ..pretrain import pretrain, read_yaml, resolve_config
 
-    cfg = resolve_config({name: getattr(args, name) for name in FLAGS}, args.config)
-    pretrain(cfg, resume=args.resume, overwrite=args.overwrite, reshard=args.reshard)
+    flags = {name: getattr(args, name) for name in FLAGS}
+    cfg = resolve_config(flags, args.config)
+    explicit = {**(read_yaml(args.config) if args.config else {}), **{k: v for k, v in flags.items() if v is not None}}
+    pretrain(cfg, resume=args.resume, overwrite=args.overwrite, reshard=args.reshard, explicit=explicit)
     return 0
