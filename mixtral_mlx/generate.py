@@ -316,6 +316,8 @@ class PromptCache:
         self.tokens: list[int] = []  # prompt and output of the last call; the caches hold a prefix
 
     def begin(self, prompt: Sequence[int]) -> list:
+        if len({c.offset for c in self.cache}) > 1:  # a forward pass was interrupted midway
+            self.cache, self.tokens = make_cache(self.model), []
         held = self.tokens[: self.cache[0].offset]
         common = 0
         for a, b in zip(held, prompt[:-1]):  # the last prompt token is always fed

@@ -103,8 +103,12 @@ def _load(args: argparse.Namespace):
 
         load_adapter(model, args.adapter)
     if args.verbose:
-        print(f"loaded {args.model}: {model.num_parameters():,} parameters in {time.perf_counter() - start:.1f} s",
-              file=sys.stderr)
+        from ..info import count_parameters  # from the config: packed quantized weights count once each
+
+        what = f"{count_parameters(model.args).total:,} parameters"
+        if model.args.quantization:
+            what += f", {model.args.quantization['bits']}-bit"
+        print(f"loaded {args.model}: {what} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return model, tokenizer
 
 
