@@ -13,7 +13,9 @@ read its own.
 On a GPU, MLX's quantized matmuls read 4 or 8 bits per weight and are the fast path.
 MLX's CPU kernels for them are plain loops (about 2 GFLOP/s on two cores), so on the CPU
 an input of more than a few rows dequantizes the weight and runs the float matmul
-(or gather_mm) instead: decoding keeps the quantized kernels, prefill does not.
+(or gather_mm) instead: decoding keeps the quantized kernels, prefill does not. A weight
+larger than DEQUANTIZE_MAX_BYTES once dequantized stays packed: a big model is quantized
+to fit in memory, and its dequantized experts would not.
 """
 
 from __future__ import annotations
@@ -25,10 +27,14 @@ from mlx.utils import tree_map_with_path
 from .moe import ExpertLinear
 
 DEQUANTIZE_FROM_ROWS = 4  # on the CPU; measured crossover with mx.quantized_matmul: 2-3 rows
+DEQUANTIZE_MAX_BYTES = 1 << 28  # larger weights (a big model's experts) stay packed: memory first
 
 
-def _dequantize_first(x: mx.array) -> bool:
-    return mx.default_device() == mx.cpu and x.size // x.shape[-1] >= DEQUANTIZE_FROM_ROWS
+def _dequantize_first(x: mx.array, layer: nn.Module, weight: mx.array) -> bool:
+    """Whether x @ W.T should dequantize W (`weight`, packed with `layer`'s bits) and use the BLAS."""
+    dequantized_bytes = weight.size * 32 // layer.bits * x.dtype.size
+    return (mx.default_device() == mx.cpu and x.size // x.shape[-1] >= DEQUANTIZE_FROM_ROWS
+            and dequantized_bytes <= DEQUANTIZE_MAX_BYTES)
 
 
 def _dequantized(layer: nn.Module) -> mx.array:
@@ -38,7 +44,7 @@ def _dequantized(layer: nn.Module) -> mx.array:
 
 def _matmul_t(x: mx.array, layer: nn.Module, weight: mx.array, scales: mx.array, biases: mx.array | None) -> mx.array:
     """x @ W.T for the quantized (out, in) matrix W = (weight, scales, biases) of `layer`."""
-    if _dequantize_first(x):
+    if _dequantize_first(x, layer, weight):
         return x @ mx.dequantize(weight, scales, biases, layer.group_size, layer.bits, mode=layer.mode).T
     return mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=layer.group_size,
                                bits=layer.bits, mode=layer.mode)
@@ -90,7 +96,7 @@ class QuantizedExpertLinear(nn.Module):
 
     def gather(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         """The rows of block i of x through expert indices[i] (see ExpertLinear.gather)."""
-        if _dequantize_first(x):  # many rows (the grouped dispatch): the BLAS on dequantized weights
+        if _dequantize_first(x, self, self["weight"]):  # many rows (the grouped dispatch): the BLAS on dequantized weights
             return mx.gather_mm(x, _dequantized(self).swapaxes(-1, -2), rhs_indices=indices,
                                 sorted_indices=sorted_indices)
         return mx.gather_qmm(x, self["weight"], self["scales"], self.get("biases"), rhs_indices=indices,
@@ -108,7 +114,7 @@ class QuantizedExpertLinear(nn.Module):
     def combine(self, h: mx.array, gates: mx.array) -> mx.array:
         """sum_e gates[:, e] * expert_e(h[:, e]): h (T, E, in), gates (T, E) -> (T, out)."""
         weighted = h * gates[..., None]
-        if _dequantize_first(h[:, 0]):
+        if _dequantize_first(h[:, 0], self, self["weight"]):
             w = _dequantized(self)  # (E, out, in)
             E, out, inp = w.shape
             return weighted.reshape(h.shape[0], E * inp) @ w.swapaxes(1, 2).reshape(E * inp, out)

@@ -163,3 +163,22 @@ def test_cli_convert_hf_repo_downloads_once_through_huggingface_hub(tmp_path, mo
     assert [repo for repo, _ in calls] == ["someone/tiny-mixtral"] and "*.safetensors" in calls[0][1]
     assert json.loads((tmp_path / "q8" / "config.json").read_text())["quantization"]["bits"] == 8
     assert "8-bit" in capsys.readouterr().out
+
+
+def test_large_weights_stay_packed_on_the_cpu(monkeypatch):
+    """Above the byte budget a long input runs the quantized kernel instead of dequantizing."""
+    import mixtral_mlx.quantize as quantize
+
+    if mx.default_device() != mx.cpu:
+        pytest.skip("the dequantize-first path is the CPU's")
+    calls = []
+    real = mx.quantized_matmul
+    monkeypatch.setattr(mx, "quantized_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
+    layer = quantize.QuantizedLinear.from_linear(nn.Linear(128, 64, bias=False), group_size=64, bits=4)
+    x = mx.random.normal((16, 128))
+    expected = x @ mx.dequantize(layer.weight, layer.scales, layer.biases, 64, 4).T
+    np.testing.assert_allclose(np.array(layer(x)), np.array(expected), atol=1e-5)
+    assert calls == []
+    monkeypatch.setattr(quantize, "DEQUANTIZE_MAX_BYTES", 1024)
+    np.testing.assert_allclose(np.array(layer(x)), np.array(expected), atol=1e-4)
+    assert calls == [1]
