@@ -16,7 +16,21 @@ from __future__ import annotations
 import mlx.core as mx
 
 
-class KVCache:
+class _Cache:
+    keys: mx.array | None
+    values: mx.array | None
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    @property
+    def state(self):
+        return self.keys, self.values, self.offset
+
+
+class KVCache(_Cache):
     step = 256
 
     def __init__(self):
@@ -47,16 +61,8 @@ class KVCache:
         self.offset -= n
         return n
 
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
-    @property
-    def state(self):
-        return self.keys, self.values, self.offset
-
-
-class RollingKVCache:
+class RollingKVCache(_Cache):
     """A ring buffer of `window` slots; position p lives in slot p % window."""
 
     def __init__(self, window: int):
@@ -115,14 +121,6 @@ class RollingKVCache:
         n = min(n, self.offset)
         self.offset -= n
         return n
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
-
-    @property
-    def state(self):
-        return self.keys, self.values, self.offset
 
 
 def make_cache(model, rolling: bool | None = None) -> list:
