@@ -135,7 +135,8 @@ def plot_run(run_dir: Path) -> list[Path]:
         layers, E = load.shape[1:]
         cols = min(4, layers)
         rows = math.ceil(layers / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols + 1.2, 3.0 * rows + 0.6), squeeze=False,
+                                 layout="constrained")
         for i in range(rows * cols):
             ax = axes[i // cols][i % cols]
             if i >= layers:
