@@ -120,7 +120,7 @@ class Experts(nn.Module):
         g = self.w1.gather(x, groups.expert, sorted_indices=True)
         u = self.w3.gather(x, groups.expert, sorted_indices=True)
         # Weighting before the (linear) down projection: each row leaves w2 already scaled.
-        a = nn.silu(g) * u * weight.reshape(-1, block, 1)
+        a = weighted_swiglu(g, u, weight.reshape(-1, block, 1))
         y = self.w2.gather(a, groups.expert, sorted_indices=True).reshape(rows, h)
         return y[groups.row].reshape(T, k, h).sum(axis=1)
 
@@ -128,6 +128,31 @@ class Experts(nn.Module):
         g = self.w1.gather(x, indices, sorted_indices)
         u = self.w3.gather(x, indices, sorted_indices)
         return self.w2.gather(nn.silu(g) * u, indices, sorted_indices)
+
+
+@mx.custom_function
+def _weighted_swiglu(gate: mx.array, up: mx.array, weight: mx.array):
+    s = mx.sigmoid(gate)
+    return gate * s * up * weight, s
+
+
+@_weighted_swiglu.vjp
+def _weighted_swiglu_vjp(primals, cotangents, outputs):
+    gate, up, weight = primals
+    s, da = outputs[1], cotangents[0]
+    silu = gate * s
+    d_silu = da * up * weight
+    return (d_silu * s * (1 + gate * (1 - s)), da * silu * weight,
+            (da * silu * up).sum(axis=-1, keepdims=True).astype(weight.dtype))
+
+
+def weighted_swiglu(gate: mx.array, up: mx.array, weight: mx.array) -> mx.array:
+    """silu(gate) * up * weight (weight: one per row), keeping gate, up and sigmoid(gate) for the gradient.
+
+    Autograd would also keep silu(gate) and silu(gate) * up: two (rows, intermediate)
+    arrays per layer more, recomputed here for a few multiplies.
+    """
+    return _weighted_swiglu(gate, up, weight)[0]
 
 
 class SparseMoeBlock(nn.Module):
