@@ -99,7 +99,8 @@ def test_grad_accumulation_equals_one_big_batch():
             trainer.train_step(micro)
         results.append(dict(ckpt.to_hf_weights(trainer.model)))
     for name, value in results[0].items():
-        np.testing.assert_allclose(np.array(value), np.array(results[1][name]), atol=2e-6, err_msg=name)
+        # float32: two half-batch sums round differently from one; Adam can enlarge that near zero
+        np.testing.assert_allclose(np.array(value), np.array(results[1][name]), atol=1e-5, err_msg=name)
 
 
 def test_grad_checkpoint_trains_exactly_as_without():
