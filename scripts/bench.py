@@ -303,7 +303,8 @@ def versions() -> dict[str, str]:
 
 def machine() -> dict:
     return {"system": f"{platform.system()} {platform.release()}", "machine": platform.machine(),
-            "processor": _cpu_name(), "cpus": os.cpu_count()}
+            "processor": _cpu_name(), "cpus": os.cpu_count(),
+            "load_average": [round(x, 2) for x in os.getloadavg()]}  # other work sharing the machine
 
 
 def _cpu_name() -> str:
@@ -346,6 +347,7 @@ def run(opts: dict, log=print) -> dict:
     n_new = opts["decode_tokens"]
     decoders = [n for n in names if n != CHECKPOINTED]  # checkpointing changes training only
 
+    started_on = machine()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
         mixtral_mlx.save(init_weights(Model(args), seed=0), None, model_dir)
@@ -408,7 +410,8 @@ def run(opts: dict, log=print) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "preset": opts["preset"], "dtype": opts["dtype"], "batch_size": B, "seq_len": L,
         "steps": opts["steps"], "rounds": opts["rounds"], "prompt_len": opts["prompt_len"],
-        "decode_tokens": n_new, "config": args.to_hf(), "machine": machine(), "mlx_device": str(mx.default_device()),
+        "decode_tokens": n_new, "config": args.to_hf(), "machine": started_on,
+        "load_average_at_end": machine()["load_average"], "mlx_device": str(mx.default_device()),
         "blas": blas.status, "peak_flops": peak, "flops_per_token": flops, "versions": versions(),
         "greedy_tokens_agree": len({tuple(t) for t in outputs.values()}) == 1, "results": results, "ratios": ratios,
     }
@@ -424,7 +427,8 @@ def table(report: dict) -> str:
         return format(v, fmt) if v is not None else "-"
 
     lines = [f"{report['preset']}, {report['dtype']}, batch {report['batch_size']} x {report['seq_len']}; "
-             f"medians of {report['rounds']} rounds x {report['steps']} steps; {report['mlx_device']}; {report['blas']}",
+             f"medians of {report['rounds']} rounds x {report['steps']} steps; {report['mlx_device']}; {report['blas']}; "
+             f"load average {report['machine']['load_average'][0]} -> {report['load_average_at_end'][0]}",
              f"{'':<26}{'train tok/s':>12}{'step s':>9}{'peak memory':>13}{'MFU':>7}{'prefill tok/s':>15}"
              f"{'decode tok/s':>14}"]
     for n, r in res.items():
