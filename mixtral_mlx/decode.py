@@ -5,8 +5,8 @@ token as computing them. `DecodeStep` traces the model's forward for one token o
 replays the compiled graph: its shapes stay static because the step reads each cache's
 whole preallocated buffer with a mask of the filled slots, and takes the position as an
 array. Results equal `model(tokens, caches)` (same caches, same updates) to float
-rounding; the eager call runs instead where a cache has no free slot yet (the first
-token, or a `KVCache` about to grow), after which the step is traced again for the new
+rounding; the eager call runs instead where a cache has no free slot (an empty
+cache, or a `KVCache` about to grow), after which the step is traced again for the new
 capacity, once per `KVCache.step` positions.
 """
 

@@ -16,16 +16,17 @@ What each side runs:
 * mlx-lm: its Mixtral with its trainer's loss (`tuner.trainer.default_loss`),
   `nn.value_and_grad` and AdamW, the whole step compiled as its trainer compiles it;
   decoding through its `generate_step`.
-* transformers: `MixtralForCausalLM`, cross-entropy, `torch.optim.AdamW`, with
-  `torch.set_num_threads(2)`; decoding through `generate` (greedy, KV cache).
+* transformers: `MixtralForCausalLM`, cross-entropy, `torch.optim.AdamW`, on a CUDA GPU
+  when there is one, else with `torch.set_num_threads(2)`; decoding through `generate`
+  (greedy, KV cache).
 
 Every worker imports mixtral_mlx before mlx, so mlx-lm's matmuls use the same OpenBLAS
 as ours (MLX's bundled reference BLAS is ~37x slower); torch brings its own BLAS.
 
 Memory is the peak of MLX's allocator for the MLX frameworks (weights, gradients,
-optimizer state and activations) and, for transformers, the growth of the process's
-peak resident set over what it held after importing torch (CPU torch keeps no allocator
-statistics). MFU counts model FLOPs (`info.flops_per_token`) against the measured float32
+optimizer state and activations) and, for transformers, torch's CUDA allocator peak on a
+GPU or on a CPU the growth of the process's peak resident set over what it held after
+importing torch (CPU torch keeps no allocator statistics). MFU counts model FLOPs (`info.flops_per_token`) against the measured float32
 matmul rate on a CPU, or MIXTRAL_MLX_PEAK_TFLOPS on a GPU.
 
     python scripts/bench.py --preset small
@@ -151,44 +152,59 @@ class MlxLm:
 
 
 class Transformers:
-    """`MixtralForCausalLM` with cross-entropy and torch's AdamW, on two threads."""
+    """`MixtralForCausalLM` with cross-entropy and torch's AdamW: on two threads, or on a CUDA GPU if there is one."""
 
     def __init__(self, model_dir: Path, opts: dict):
         import torch
         from transformers import MixtralForCausalLM
 
-        torch.set_num_threads(2)
         self.torch = torch
+        self.cuda = torch.cuda.is_available()
+        if not self.cuda:
+            torch.set_num_threads(2)
         self.baseline = _rss()
         self.model = MixtralForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, opts["dtype"]))
+        self.model.to("cuda" if self.cuda else "cpu")
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
 
+    def _tensor(self, values) -> "torch.Tensor":
+        return self.torch.as_tensor(np.asarray(values), dtype=self.torch.long, device=self.model.device)
+
+    def _sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
     def train_step(self, batch: dict[str, np.ndarray]) -> None:
-        torch = self.torch
         self.model.train()
-        logits = self.model(input_ids=torch.from_numpy(batch["inputs"]).long()).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
-                                                 torch.from_numpy(batch["targets"]).long().flatten())
+        logits = self.model(input_ids=self._tensor(batch["inputs"])).logits
+        loss = self.torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
+                                                      self._tensor(batch["targets"]).flatten())
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._sync()
 
     def prefill(self, prompt: list[int]) -> None:
         self.model.eval()
         with self.torch.no_grad():
-            self.model(input_ids=self.torch.tensor([prompt]), use_cache=True).logits[:, -1].float().numpy()
+            self.model(input_ids=self._tensor([prompt]), use_cache=True).logits[:, -1].float().cpu()
 
     def generate(self, prompt: list[int], n: int) -> list[int]:
         self.model.eval()
         with self.torch.no_grad():
-            out = self.model.generate(self.torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n,
-                                      do_sample=False, pad_token_id=0)
+            out = self.model.generate(self._tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                      pad_token_id=0)
         return out[0, len(prompt):].tolist()
 
     def reset_peak_memory(self) -> None:
-        Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident set (VmHWM)
+        if self.cuda:
+            self.torch.cuda.reset_peak_memory_stats()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident set (VmHWM)
 
     def peak_memory(self) -> int:
+        if self.cuda:
+            return self.torch.cuda.max_memory_allocated()
         return _status_kib("VmHWM") * 1024 - self.baseline
 
 
@@ -287,7 +303,8 @@ def versions() -> dict[str, str]:
 
 def machine() -> dict:
     return {"system": f"{platform.system()} {platform.release()}", "machine": platform.machine(),
-            "processor": _cpu_name(), "cpus": os.cpu_count()}
+            "processor": _cpu_name(), "cpus": os.cpu_count(),
+            "load_average": [round(x, 2) for x in os.getloadavg()]}  # other work sharing the machine
 
 
 def _cpu_name() -> str:
@@ -330,6 +347,7 @@ def run(opts: dict, log=print) -> dict:
     n_new = opts["decode_tokens"]
     decoders = [n for n in names if n != CHECKPOINTED]  # checkpointing changes training only
 
+    started_on = machine()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
         mixtral_mlx.save(init_weights(Model(args), seed=0), None, model_dir)
@@ -392,7 +410,8 @@ def run(opts: dict, log=print) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "preset": opts["preset"], "dtype": opts["dtype"], "batch_size": B, "seq_len": L,
         "steps": opts["steps"], "rounds": opts["rounds"], "prompt_len": opts["prompt_len"],
-        "decode_tokens": n_new, "config": args.to_hf(), "machine": machine(), "mlx_device": str(mx.default_device()),
+        "decode_tokens": n_new, "config": args.to_hf(), "machine": started_on,
+        "load_average_at_end": machine()["load_average"], "mlx_device": str(mx.default_device()),
         "blas": blas.status, "peak_flops": peak, "flops_per_token": flops, "versions": versions(),
         "greedy_tokens_agree": len({tuple(t) for t in outputs.values()}) == 1, "results": results, "ratios": ratios,
     }
@@ -408,7 +427,8 @@ def table(report: dict) -> str:
         return format(v, fmt) if v is not None else "-"
 
     lines = [f"{report['preset']}, {report['dtype']}, batch {report['batch_size']} x {report['seq_len']}; "
-             f"medians of {report['rounds']} rounds x {report['steps']} steps; {report['mlx_device']}; {report['blas']}",
+             f"medians of {report['rounds']} rounds x {report['steps']} steps; {report['mlx_device']}; {report['blas']}; "
+             f"load average {report['machine']['load_average'][0]} -> {report['load_average_at_end'][0]}",
              f"{'':<26}{'train tok/s':>12}{'step s':>9}{'peak memory':>13}{'MFU':>7}{'prefill tok/s':>15}"
              f"{'decode tok/s':>14}"]
     for n, r in res.items():

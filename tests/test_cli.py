@@ -26,3 +26,12 @@ def test_debug_shows_traceback(tmp_path):
 def test_openblas_can_be_switched_off():
     r = run_cli("info", env={"MIXTRAL_MLX_OPENBLAS": "0"})
     assert r.returncode == 0 and "MIXTRAL_MLX_OPENBLAS=0" in r.stdout
+
+
+def test_grad_checkpoint_is_a_switch_of_both_training_commands():
+    from mixtral_mlx.cli import build_parser
+
+    parser = build_parser()
+    for command in ("pretrain", "finetune"):
+        assert parser.parse_args([command, "--grad-checkpoint"]).grad_checkpoint is True
+        assert parser.parse_args([command]).grad_checkpoint is None  # the YAML's value or the default stands

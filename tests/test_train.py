@@ -201,3 +201,8 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert latest.name == "step-000004"
     model, _ = ckpt.load(latest)
     assert np.isfinite(np.array(model(mx.arange(8).reshape(1, 8)))).all()
+
+
+def test_grad_checkpoint_must_be_a_boolean():
+    with pytest.raises(UserError, match="grad_checkpoint"):
+        TrainConfig(grad_checkpoint="yes").validate("run.yaml")

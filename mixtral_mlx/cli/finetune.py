@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .pretrain import FLAGS as TRAIN_FLAGS
+from .pretrain import FLAGS as TRAIN_FLAGS, add_flags
 
 # flag -> (type, help); every one is also a key of a --config YAML file
 FLAGS = {
@@ -22,8 +22,8 @@ FLAGS = {
     "esft_examples": (int, "ESFT: training examples routed to score the experts (default 1024)"),
     **{name: TRAIN_FLAGS[name] for name in (
         "out", "iters", "max_time", "batch_size", "lr", "min_lr", "warmup", "weight_decay", "grad_clip",
-        "grad_accum", "dtype", "eval_every", "eval_batches", "save_every", "keep", "seed", "aux_loss_coef",
-        "z_loss_coef", "log_every", "wandb")},
+        "grad_accum", "dtype", "grad_checkpoint", "eval_every", "eval_batches", "save_every", "keep", "seed",
+        "aux_loss_coef", "z_loss_coef", "log_every", "wandb")},
     "seq_len": (int, "longest example in tokens; longer ones are cut (default 512)"),
     "tokenizer": (str, "directory with the tokenizer to use (default: the model's)"),
 }
@@ -41,8 +41,7 @@ def register(sub) -> None:
                        ("full", "train every weight"), ("esft", "train only the experts the data routes to")):
         method.add_argument(f"--{name}", dest="method", action="store_const", const=name, help=what)
     p.add_argument("--config", help="YAML file of settings")
-    for name, (kind, help_text) in FLAGS.items():
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, help=help_text)
+    add_flags(p, FLAGS)
     p.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction, default=None,
                    help="learn only the completion tokens (default) or every token")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR",

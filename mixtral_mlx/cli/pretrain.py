@@ -20,7 +20,7 @@ FLAGS = {
     "grad_clip": (float, "clip gradients to this global norm (0: off)"),
     "grad_accum": (int, "micro-batches per optimizer step"),
     "dtype": (str, "float32, bfloat16 or float16 compute (master weights stay float32)"),
-    "grad_checkpoint": (bool, "recompute activations in the backward pass: less memory, ~30%% more time"),
+    "grad_checkpoint": (bool, "recompute activations in the backward pass: less memory, slower steps"),
     "eval_every": (int, "evaluate every N steps"),
     "eval_batches": (int, "validation batches per periodic evaluation (the final one covers the whole split)"),
     "save_every": (int, "checkpoint every N steps"),
@@ -41,18 +41,23 @@ def register(sub) -> None:
                                    "flags (with underscores); flags override it; the resolved config is saved as "
                                    "OUT/config.yaml.")
     p.add_argument("--config", help="YAML file of settings")
-    for name, (kind, help_text) in FLAGS.items():
-        if kind is bool:  # a switch: given means true, absent leaves the YAML's or the default
-            p.add_argument(f"--{name.replace('_', '-')}", dest=name, action="store_const", const=True, default=None,
-                           help=help_text)
-        else:
-            p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, help=help_text)
+    add_flags(p, FLAGS)
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR",
                    help="continue a run from its latest checkpoint (DIR, or --out)")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out directory that holds a run")
     p.add_argument("--reshard", action="store_true",
                    help="resume with a different number of processes, continuing from the saved data position")
     p.set_defaults(func=run)
+
+
+def add_flags(parser: argparse.ArgumentParser, flags: dict) -> None:
+    """One --flag per setting; not given, it is None, so the YAML's value or the default stands."""
+    for name, (kind, help_text) in flags.items():
+        if kind is bool:  # a switch: given means true
+            parser.add_argument(f"--{name.replace('_', '-')}", dest=name, action="store_const", const=True,
+                                default=None, help=help_text)
+        else:
+            parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, help=help_text)
 
 
 def run(args: argparse.Namespace) -> int:
