@@ -3,7 +3,7 @@
 kinds: step (SIGKILL inside training step `step`), weights / optimizer (SIGKILL while the
 checkpoint of `step` writes that file), rename (SIGKILL just before that checkpoint's
 directory is renamed into place), disk-full (the weights writer of that checkpoint raises
-ENOSPC, as a full disk does).
+ENOSPC, as a full disk does), oom (training step `step` fails to allocate memory).
 """
 
 import errno
@@ -54,6 +54,8 @@ real_step = train.Trainer.train_step
 def train_step(self, *args, **kwargs):
     if kind == "step" and self.step + 1 == int(at):
         die()
+    if kind == "oom" and self.step + 1 == int(at):  # what MLX raises when an allocation fails
+        raise RuntimeError("[malloc] Unable to allocate 68719476736 bytes")
     return real_step(self, *args, **kwargs)
 
 

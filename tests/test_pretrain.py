@@ -154,16 +154,20 @@ def test_kill_9_anywhere_resumes_to_the_same_losses(tmp_path, straight_run, toke
     assert not list(out.glob(".step-*"))  # the half-written temporary was cleaned up
 
 
-def test_disk_full_stops_cleanly_and_keeps_the_previous_checkpoint(tmp_path, tokenizer_dir):
+@pytest.mark.parametrize("fault,needles", [
+    ("disk-full:8", ("step-000008", "No space left on device", "intact", "step-000004")),
+    ("oom:6", ("out of memory at step 6", "--batch-size", "step-000004")),
+])
+def test_disk_full_or_oom_stops_cleanly_and_keeps_the_previous_checkpoint(tmp_path, tokenizer_dir, fault, needles):
     out = tmp_path / "run"
     args = ["pretrain", *TINY, "--tokenizer", str(tokenizer_dir), "--iters", "12", "--save-every", "4",
             "--eval-every", "6", "--out", str(out)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "FAULT": "disk-full:8"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FAULT": fault}
     r = subprocess.run([sys.executable, str(FAULT_WORKER), *args], env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr  # progress came first: the error is the last line
     last = r.stderr.strip().splitlines()[-1]
-    assert all(s in last for s in ("step-000008", "No space left on device", "intact", "step-000004")), last
+    assert all(s in last for s in needles), last
     latest = checkpoint.latest_checkpoint(out)
     assert latest.name == "step-000004" and not (out / "step-000008").exists()
     checkpoint.load(latest)  # loads fine
