@@ -156,6 +156,8 @@ def download(name: str, out_dir: str | Path, max_docs: int | None = None, overwr
     if name not in DATASETS:
         raise UserError(f"unknown data set {name!r} (choose from {', '.join(sorted(DATASETS))})", field="name")
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError("is a file, not a directory", file=out_dir, field="--out")
     existing = [s for s in SPLITS if (out_dir / f"{s}.jsonl").exists()]
     if existing and not overwrite:
         raise UserError(f"already holds {existing[0]}.jsonl; pass --overwrite to replace it", file=out_dir,
