@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Sequence
 import mlx.core as mx
 
 from .cache import make_cache
-from .decode import decode_step
+from .cpu_decode import decoder_for
 from .errors import UserError
 
 MODES = ("sample", "greedy", "one-token", "raw")
@@ -272,7 +272,7 @@ def generate_step(model, prompt: Sequence[int], config: GenerationConfig, cache:
         seen = mx.zeros((model.args.vocab_size,), dtype=mx.bool_)
         seen[mx.array(prompt)] = True
 
-    decode = decode_step(model)  # the model on one token, compiled
+    decode = decoder_for(model)  # the model on one token: NumPy matrix-vector products on a CPU, else compiled MLX
 
     def step(token: mx.array) -> tuple[mx.array, mx.array]:
         nonlocal key, seen

@@ -9,7 +9,8 @@ memory above what was allocated before:
 * Output head + loss, forward + backward: MLX's cross-entropy on the logits, ours with
   one exp pass, and the head fused with it chunk by chunk.
 * The whole training step (`Trainer.train_step`): plain vs activation checkpointing.
-* Decoding one token at a time: the model called eagerly vs the compiled `DecodeStep`.
+* Decoding one token at a time: the model called eagerly, the compiled `DecodeStep`,
+  and the NumPy matrix-vector step (`cpu_decode.NumpyDecodeStep`).
 
     python scripts/levers.py --preset small
 """
@@ -32,6 +33,7 @@ from mixtral_mlx import blas
 from mixtral_mlx.attention import causal_attention_in_blocks
 from mixtral_mlx.cache import make_cache
 from mixtral_mlx.config import load_preset, read_preset
+from mixtral_mlx.cpu_decode import NumpyDecodeStep
 from mixtral_mlx.decode import DecodeStep
 from mixtral_mlx.losses import cross_entropy, linear_cross_entropy
 from mixtral_mlx.model import Model, init_weights
@@ -149,7 +151,9 @@ def decoding(args, tokens: int, repeats: int) -> dict:
     def eager(token, cache):
         return model(token, cache)[:, -1]
 
-    results = measure({"eager": lambda: run(eager), "compiled step": lambda: run(compiled)}, repeats)
+    numpy_step = NumpyDecodeStep(model)
+    results = measure({"eager": lambda: run(eager), "compiled step": lambda: run(compiled),
+                       "NumPy step": lambda: run(numpy_step)}, repeats)
     for r in results.values():
         r["tokens_per_s"] = tokens / r["wall_s"]
     return results
