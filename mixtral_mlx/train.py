@@ -146,9 +146,10 @@ class StepResult:
     aux: float
     z: float
     grad_norm: float
-    tokens: int
+    tokens: int  # the tokens the loss counted (a fine-tune's answers)
     expert_counts: np.ndarray  # (layers, E)
     stop: bool = False  # some process asked to stop (Ctrl-C / SIGTERM)
+    positions: int = 0  # the positions the model ran, padding included: what throughput and MFU count
 
 
 # Flags the processes of a run exchange before each gradient all-reduce.
@@ -236,8 +237,9 @@ class Trainer:
         mx.eval(self.master, self.optimizer.state, self.model.parameters())
         self.step += 1
         ce, aux, z = totals.tolist()
+        positions = sum(b["inputs"].size for b in micro_batches) * self.world
         return StepResult(ce / n_tokens, aux / k, z / k, norm.item(), int(n_tokens), np.array(counts),
-                          stop=flags > 0)
+                          stop=flags > 0, positions=positions)
 
     # ------------------------------------------------------------------ data parallelism
     def agree(self, tokens: float, flags: int) -> tuple[float, int]:
@@ -432,7 +434,7 @@ def fit(trainer: Trainer, task: Task, run_dir: Path, resume_from: Path | None = 
                 state["elapsed"] = time.perf_counter() - start
                 record = {"kind": "train", "step": trainer.step, "loss": result.loss, "aux_loss": result.aux,
                           "z_loss": result.z, "lr": trainer.lr, "grad_norm": result.grad_norm,
-                          "tokens_seen": state["tokens_seen"], "tokens_per_s": result.tokens / dt,
+                          "tokens_seen": state["tokens_seen"], "tokens_per_s": result.positions / dt,
                           "step_time": dt, "elapsed": state["elapsed"]}
                 if trainer.step % cfg.log_every == 0 or trainer.step == 1:
                     counts = result.expert_counts
