@@ -12,7 +12,7 @@ float32 weights transposed, (in, out), so `x @ w` streams whole rows of each mat
 with weights that do not stay in the cache, OpenBLAS's gemv reads that layout about 3x
 faster here than the (out, in) one (54 against 18 GB/s on a 64 MB matrix). The copies
 cost the weights' size once more while a model decodes. It works on zero-copy views of
-its KV caches' buffers (the new key and value are written into the cache's
+the KV caches' buffers (the new key and value are written into the cache's
 preallocated slot, so prefill, trimming and MLX steps see them as usual).
 
 It is `DecodeStep`'s stand-in where it applies: a CPU device, float32 weights, plain
@@ -24,6 +24,7 @@ MIXTRAL_MLX_DECODE=mlx to decode with the compiled MLX step instead.
 from __future__ import annotations
 
 import os
+import weakref
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -77,14 +78,16 @@ def decoder_for(model):
     return step
 
 
-def _view(a: mx.array) -> np.ndarray:
+def _copy(a: mx.array) -> np.ndarray:
+    # A copy, not a view: a view would keep the model's array alive after the model replaces it.
     mx.eval(a)
-    return np.ascontiguousarray(np.asarray(a))  # zero-copy for an evaluated row-contiguous array
+    return np.array(a)
 
 
 def _transposed(a: mx.array) -> np.ndarray:
-    """(..., out, in) -> a (..., in, out) copy: `x @ w` then streams whole rows of w."""
-    return np.ascontiguousarray(np.swapaxes(_view(a), -1, -2))
+    """(..., out, in) -> an (..., in, out) copy: `x @ w` then streams whole rows of w."""
+    mx.eval(a)
+    return np.ascontiguousarray(np.swapaxes(np.asarray(a), -1, -2))
 
 
 class _Layer:
@@ -94,7 +97,7 @@ class _Layer:
         attn, moe = layer.self_attn, layer.block_sparse_moe
         self.q, self.k, self.v, self.o = (_transposed(getattr(attn, p).weight) for p in ("q_proj", "k_proj", "v_proj",
                                                                                           "o_proj"))
-        self.norm1, self.norm2 = _view(layer.input_layernorm.weight), _view(layer.post_attention_layernorm.weight)
+        self.norm1, self.norm2 = _copy(layer.input_layernorm.weight), _copy(layer.post_attention_layernorm.weight)
         self.router = _transposed(moe.gate.weight)
         self.w1, self.w2, self.w3 = (_transposed(getattr(moe.experts, p).weight) for p in ("w1", "w2", "w3"))
 
@@ -111,16 +114,19 @@ class NumpyDecodeStep:
         self.scale = self.head_dim**-0.5
         half = self.head_dim // 2
         self.inv_freq = args.rope_theta ** (-np.arange(0, half, dtype=np.float64) * 2 / self.head_dim)
-        self.embed = _view(model.model.embed_tokens.weight)
         self.head = _transposed(model.model.embed_tokens.weight if args.tie_word_embeddings else model.lm_head.weight)
-        self.final_norm = _view(model.model.norm.weight)
+        # Embedding rows: with a tied head, its columns (no second copy).
+        self.embed = self.head.T if args.tie_word_embeddings else _copy(model.model.embed_tokens.weight)
+        self.final_norm = _copy(model.model.norm.weight)
         self.layers = [_Layer(layer) for layer in model.layers]
-        self._sources = [p for _, p in tree_flatten(model.parameters())]
+        # Weak references: holding the arrays would keep replaced weights alive (a training
+        # run that samples between steps would carry a second copy of its model).
+        self._sources = [weakref.ref(p) for _, p in tree_flatten(model.parameters())]
 
     def is_current(self) -> bool:
         """Whether the model still holds the weights this step copied."""
         now = [p for _, p in tree_flatten(self.model.parameters())]
-        return len(now) == len(self._sources) and all(a is b for a, b in zip(now, self._sources))
+        return len(now) == len(self._sources) and all(ref() is p for ref, p in zip(self._sources, now))
 
     def __call__(self, tokens: mx.array, caches: list) -> mx.array:
         if tokens.shape != (1, 1) or not all(self._has_free_slot(c) for c in caches):

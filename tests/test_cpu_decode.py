@@ -94,6 +94,16 @@ def test_is_kept_with_the_model_until_its_weights_change():
     assert decoder_for(model) is not before
 
 
+def test_keeps_no_replaced_weights_alive():
+    model = model_with()
+    decoder_for(model)
+    mx.eval(model.parameters())
+    before = mx.get_active_memory()
+    model.update(model_with(seed=1).parameters())
+    mx.eval(model.parameters())
+    assert mx.get_active_memory() <= before  # the first weights were freed
+
+
 @pytest.mark.parametrize("change,reason", [
     (lambda m: apply_lora(m, LoRAConfig()), "LoRALinear"),
     (lambda m: quantize_model(m, bits=8), "Quantized"),

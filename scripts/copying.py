@@ -1,0 +1,87 @@
+"""Does a model copy from its context? Two measurements, in nats per token.
+
+* Repeated random tokens: a random sequence, then the same sequence again. A model with
+  induction heads predicts the second copy from the first (loss near 0); one without
+  finds the copy as hard as the original.
+* Repeated names: in each story of a pretrain_data-style split (the first word is the
+  protagonist's name), the loss on the name at its first mention and at its later ones.
+  A story names its hero about ten times; a model that reads its context finds the later
+  mentions cheap.
+
+Answering finetune_data's questions (every answer is a word of the story) needs exactly
+this ability, so this is the first thing to check when fine-tuning does not take.
+
+    python scripts/copying.py --model runs/base/final [--data pretrain_data --split test]
+"""
+
+from __future__ import annotations
+
+import mixtral_mlx  # noqa: F401  (OpenBLAS before mlx)
+
+import argparse
+import json
+
+import mlx.core as mx
+import numpy as np
+
+from mixtral_mlx.data import read_split
+
+
+def token_losses(model, ids: list[int]) -> np.ndarray:
+    """-log p(ids[i] | ids[:i]) for i = 1..len(ids)-1."""
+    logits = model(mx.array([ids[:-1]]))[0].astype(mx.float32)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return -np.array(mx.take_along_axis(logprobs, mx.array(ids[1:])[:, None], axis=-1)[:, 0])
+
+
+def repeated_random(model, tokenizer, length: int = 60, trials: int = 8, seed: int = 0) -> dict[str, float]:
+    rng = np.random.default_rng(seed)
+    first, second = [], []
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    for _ in range(trials):
+        seq = rng.integers(0, tokenizer.vocab_size, size=length).tolist()
+        losses = token_losses(model, bos + seq + seq)  # losses[i]: the loss of token i + 1
+        s = len(bos)  # the first copy is tokens s .. s+length-1, the second the next `length`
+        first.append(losses[max(s - 1, 0) : s + length - 1].mean())
+        second.append(losses[s + length - 1 : s + 2 * length - 1].mean())
+    return {"first_copy": float(np.mean(first)), "second_copy": float(np.mean(second))}
+
+
+def repeated_names(model, tokenizer, texts: list[str], max_tokens: int = 512) -> dict[str, float]:
+    first, later = [], []
+    for text in texts:
+        name = tokenizer.encode(" " + text.split()[0])
+        if len(name) != 1:  # a name of several pieces: skip rather than guess which piece counts
+            continue
+        ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(text)
+        ids = ids[:max_tokens]
+        losses = token_losses(model, ids)
+        mentions = [i for i in range(1, len(ids)) if ids[i] == name[0]]
+        first += [losses[i - 1] for i in mentions[:1]]
+        later += [losses[i - 1] for i in mentions[1:]]
+    return {"first_mention": float(np.mean(first)) if first else float("nan"),
+            "later_mentions": float(np.mean(later)) if later else float("nan"),
+            "stories": len(first), "later_mention_count": len(later)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", default="pretrain_data")
+    p.add_argument("--split", default="test")
+    p.add_argument("--stories", type=int, default=30)
+    a = p.parse_args()
+    model, tokenizer = mixtral_mlx.load(a.model)
+    model.eval()
+    texts = [e.text for e in read_split(a.data, a.split)[: a.stories] if e.format == "text"]
+    report = {"model": a.model, "repeated_random": repeated_random(model, tokenizer),
+              "repeated_names": repeated_names(model, tokenizer, texts)}
+    r, n = report["repeated_random"], report["repeated_names"]
+    print(f"repeated random tokens: {r['first_copy']:.2f} nats on the first copy, {r['second_copy']:.2f} on the second")
+    print(f"protagonist's name ({n['stories']} stories): {n['first_mention']:.2f} nats at the first mention, "
+          f"{n['later_mentions']:.2f} at the {n['later_mention_count']} later ones")
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""scripts/copying.py measures in-context copying: an oracle copier and a uniform model tell apart."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from types import SimpleNamespace
+
+import mlx.core as mx
+import pytest
+
+from conftest import REPO
+
+spec = importlib.util.spec_from_file_location("copying", REPO / "scripts" / "copying.py")
+copying = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(copying)
+
+VOCAB, LENGTH = 50, 20
+
+
+class Copier:
+    """Predicts the token `LENGTH` positions back (certain), else uniform."""
+
+    def __call__(self, inputs: mx.array) -> mx.array:
+        ids = inputs[0].tolist()
+        rows = []
+        for i in range(len(ids)):
+            j = i + 1 - LENGTH  # the position whose token the next one repeats (after BOS)
+            row = [0.0] * VOCAB
+            if j >= 1:
+                row[ids[j]] = 100.0
+            rows.append(row)
+        return mx.array([rows])
+
+
+class Uniform:
+    def __call__(self, inputs: mx.array) -> mx.array:
+        return mx.zeros((1, inputs.shape[1], VOCAB))
+
+
+tokenizer = SimpleNamespace(bos_id=1, vocab_size=VOCAB)
+
+
+def test_a_copier_finds_the_second_copy_free():
+    r = copying.repeated_random(Copier(), tokenizer, length=LENGTH, trials=2)
+    assert r["first_copy"] == pytest.approx(math.log(VOCAB), abs=1e-3)
+    assert r["second_copy"] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_a_model_that_ignores_its_context_finds_both_copies_alike():
+    r = copying.repeated_random(Uniform(), tokenizer, length=LENGTH, trials=2)
+    assert r["first_copy"] == pytest.approx(r["second_copy"]) == pytest.approx(math.log(VOCAB), abs=1e-4)
