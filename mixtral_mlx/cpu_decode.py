@@ -78,6 +78,12 @@ def decoder_for(model):
     return step
 
 
+def held_bytes(model) -> int:
+    """Bytes the model's NumPy decoding step holds outside MLX's allocator (0 without one)."""
+    step = getattr(model, "_numpy_decode_step", None)
+    return step.nbytes if step is not None else 0
+
+
 def _copy(a: mx.array) -> np.ndarray:
     # A copy, not a view: a view would keep the model's array alive after the model replaces it.
     mx.eval(a)
@@ -122,6 +128,12 @@ class NumpyDecodeStep:
         # Weak references: holding the arrays would keep replaced weights alive (a training
         # run that samples between steps would carry a second copy of its model).
         self._sources = [weakref.ref(p) for _, p in tree_flatten(model.parameters())]
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the step's weight copies."""
+        arrays = [self.head, self.embed, self.final_norm] + [a for layer in self.layers for a in vars(layer).values()]
+        return sum(a.nbytes for a in arrays if a.base is None)  # a tied embedding is a view of the head
 
     def is_current(self) -> bool:
         """Whether the model still holds the weights this step copied."""

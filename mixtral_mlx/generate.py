@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Sequence
 import mlx.core as mx
 
 from .cache import make_cache
-from .cpu_decode import decoder_for
+from .cpu_decode import decoder_for, held_bytes
 from .errors import UserError
 
 MODES = ("sample", "greedy", "one-token", "raw")
@@ -95,7 +95,7 @@ class GenerationStats:
     prompt_seconds: float = 0.0  # prefill, up to the first generated token
     generation_tokens: int = 0
     generation_seconds: float = 0.0  # after the first token
-    peak_memory: int = 0  # bytes, MLX's allocator (weights included)
+    peak_memory: int = 0  # bytes: MLX's allocator (weights included) + the NumPy decoding step's copies
 
     @property
     def prompt_tps(self) -> float:
@@ -485,7 +485,7 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int], *, cache: Pro
             finish = "stop"
         elif finish is not None:
             text += stops.flush()
-        stats.peak_memory = mx.get_peak_memory()
+        stats.peak_memory = mx.get_peak_memory() + held_bytes(model)
         yield GenerationChunk(text, token, logprobs[token].item(), _top(logprobs, config.top_logprobs), finish,
                               dataclasses.replace(stats))
         if finish is not None:

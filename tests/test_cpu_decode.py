@@ -7,10 +7,11 @@ import dataclasses
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 from mixtral_mlx import Model, load_preset
 from mixtral_mlx.cache import make_cache
-from mixtral_mlx.cpu_decode import NumpyDecodeStep, decoder_for, unsupported_reason
+from mixtral_mlx.cpu_decode import NumpyDecodeStep, decoder_for, held_bytes, unsupported_reason
 from mixtral_mlx.decode import DecodeStep
 from mixtral_mlx.generate import GenerationConfig, generate_step
 from mixtral_mlx.lora import LoRAConfig, apply_lora
@@ -92,6 +93,15 @@ def test_is_kept_with_the_model_until_its_weights_change():
     np.testing.assert_allclose(np.array(decoder_for(model)(token, fast)), np.array(model(token, eager)[:, -1]),
                                atol=ATOL)
     assert decoder_for(model) is not before
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_counts_the_bytes_it_holds(tied):
+    model = model_with(tie_word_embeddings=tied)
+    weights = sum(p.nbytes for _, p in tree_flatten(model.parameters()))
+    assert held_bytes(model) == 0
+    decoder_for(model)
+    assert held_bytes(model) == weights  # one copy of every weight; a tied embedding once
 
 
 def test_keeps_no_replaced_weights_alive():
