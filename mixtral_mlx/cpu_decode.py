@@ -31,7 +31,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .cache import KVCache, RollingKVCache
+from .cache import RollingKVCache
 from .decode import DecodeStep, decode_step
 from .moe import ExpertLinear
 
@@ -141,7 +141,7 @@ class NumpyDecodeStep:
         return len(now) == len(self._sources) and all(ref() is p for ref, p in zip(self._sources, now))
 
     def __call__(self, tokens: mx.array, caches: list) -> mx.array:
-        if tokens.shape != (1, 1) or not all(self._has_free_slot(c) for c in caches):
+        if tokens.shape != (1, 1) or not all(DecodeStep._has_free_slot(c) for c in caches):
             # Several sequences, or a cache to create or grow: the MLX step (eager where it must).
             return decode_step(self.model)(tokens, caches)
         x = self.embed[int(tokens.item())]
@@ -155,10 +155,6 @@ class NumpyDecodeStep:
         return mx.array((self._rms_norm(x, self.final_norm) @ self.head)[None])
 
     # ------------------------------------------------------------------ the pieces
-    @staticmethod
-    def _has_free_slot(cache) -> bool:
-        return DecodeStep._has_free_slot(cache)
-
     def _rms_norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         return x * (weight / np.sqrt(np.dot(x, x) / x.shape[0] + self.eps, dtype=np.float32))
 
