@@ -78,6 +78,12 @@ def decoder_for(model):
     return step
 
 
+def release(model) -> None:
+    """Drop the model's NumPy step and its weight copies: what a trainer does before it changes the weights."""
+    if getattr(model, "_numpy_decode_step", None) is not None:
+        model._numpy_decode_step = None
+
+
 def held_bytes(model) -> int:
     """Bytes the model's NumPy decoding step holds outside MLX's allocator (0 without one)."""
     step = getattr(model, "_numpy_decode_step", None)

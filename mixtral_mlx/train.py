@@ -28,6 +28,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from .cpu_decode import release as release_decoding_copies
 from .errors import UserError
 from .losses import cross_entropy, head_cross_entropy
 from .moe import load_balancing_loss, router_z_loss
@@ -211,6 +212,7 @@ class Trainer:
 
     def train_step(self, micro_batches: list[dict[str, np.ndarray]], stop_requested: bool = False) -> StepResult:
         """One optimizer step over this process's `grad_accum` micro-batches (and its peers')."""
+        release_decoding_copies(self.model)  # samples taken between steps decode from copies the step makes stale
         local_tokens = sum(float(b["mask"].sum()) for b in micro_batches)
         n_tokens, flags = self.agree(local_tokens, STOP if stop_requested else 0)
         if flags >= FAILED:

@@ -11,8 +11,9 @@ mid-run affects all alike.
 What each side runs:
 * mixtral-mlx: the code the CLI trains with (`train.Trainer.train_step`: compiled
   gradient step, router losses, clipping, AdamW on float32 master weights) and decodes
-  with (`generate.generate_step`, greedy: the compiled one-token step of decode.py,
-  each step queued with `mx.async_eval`).
+  with (`generate.generate_step`, greedy: the NumPy one-token step of cpu_decode.py for
+  a float32 model on a CPU, else the compiled step of decode.py queued with
+  `mx.async_eval`).
 * mlx-lm: its Mixtral with its trainer's loss (`tuner.trainer.default_loss`),
   `nn.value_and_grad` and AdamW, the whole step compiled as its trainer compiles it;
   decoding through its `generate_step`.

@@ -104,6 +104,18 @@ def test_counts_the_bytes_it_holds(tied):
     assert held_bytes(model) == weights  # one copy of every weight; a tied embedding once
 
 
+def test_a_training_step_drops_the_copies():
+    from mixtral_mlx.train import TrainConfig, Trainer
+
+    model = model_with()
+    decoder_for(model)
+    assert held_bytes(model) > 0
+    trainer = Trainer(model, TrainConfig(preset="tiny", batch_size=2, seq_len=8, iters=10).validate())
+    ids = np.arange(18, dtype=np.int32).reshape(2, 9)
+    trainer.train_step([{"inputs": ids[:, :-1], "targets": ids[:, 1:], "mask": np.ones((2, 8), np.float32)}])
+    assert held_bytes(model) == 0
+
+
 def test_keeps_no_replaced_weights_alive():
     model = model_with()
     decoder_for(model)
