@@ -32,7 +32,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .cache import RollingKVCache
-from .decode import DecodeStep, decode_step
+from .decode import decode_step, has_free_slot
 from .moe import ExpertLinear
 
 
@@ -147,7 +147,7 @@ class NumpyDecodeStep:
         return len(now) == len(self._sources) and all(ref() is p for ref, p in zip(self._sources, now))
 
     def __call__(self, tokens: mx.array, caches: list) -> mx.array:
-        if tokens.shape != (1, 1) or not all(DecodeStep._has_free_slot(c) for c in caches):
+        if tokens.shape != (1, 1) or not all(has_free_slot(c) for c in caches):
             # Several sequences, or a cache to create or grow: the MLX step (eager where it must).
             return decode_step(self.model)(tokens, caches)
         x = self.embed[int(tokens.item())]

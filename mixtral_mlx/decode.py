@@ -17,6 +17,13 @@ import mlx.core as mx
 from .cache import KVCache, RollingKVCache
 
 
+def has_free_slot(cache) -> bool:
+    """Whether a one-token step can write into the cache's buffer as it is (else the eager call grows it)."""
+    if isinstance(cache, RollingKVCache):
+        return cache.keys is not None
+    return type(cache) is KVCache and cache.keys is not None and cache.offset < cache.keys.shape[2]
+
+
 class SlotView:
     """A cache's buffers as the compiled step sees them: write one slot, read all, mask the empty.
 
@@ -46,7 +53,7 @@ class DecodeStep:
         self._compiled = {}  # by cache kind: a ring (no window mask) or positions in order
 
     def __call__(self, tokens: mx.array, caches: list) -> mx.array:
-        if not all(self._has_free_slot(c) for c in caches):
+        if not all(has_free_slot(c) for c in caches):
             return self.model(tokens, caches)[:, -1]
         first = caches[0]
         ring = isinstance(first, RollingKVCache)
@@ -59,12 +66,6 @@ class DecodeStep:
             c.keys, c.values = keys, values
             c.offset += 1
         return logits
-
-    @staticmethod
-    def _has_free_slot(cache) -> bool:
-        if isinstance(cache, RollingKVCache):
-            return cache.keys is not None
-        return type(cache) is KVCache and cache.keys is not None and cache.offset < cache.keys.shape[2]
 
     def _compile(self, window: int | None):
         model = self.model
