@@ -168,7 +168,10 @@ class Trainer:
             # the recomputation would draw other noise than the forward pass did
             raise UserError("cannot be combined with router_jitter_noise > 0", field="grad_checkpoint")
         model.grad_checkpoint = cfg.grad_checkpoint
-        self.optimizer = optim.AdamW(learning_rate=lr_schedule(cfg), weight_decay=cfg.weight_decay)
+        # Adam as published and as torch has it: MLX leaves out the bias correction by default,
+        # which makes the first hundreds of steps 2-6x larger than the learning rate says.
+        self.optimizer = optim.AdamW(learning_rate=lr_schedule(cfg), weight_decay=cfg.weight_decay,
+                                     bias_correction=True)
         # float32 master copy of what trains; the model holds it cast to the compute dtype
         self.master = tree_map(lambda p: p.astype(mx.float32), model.trainable_parameters())
         self.optimizer.init(self.master)
