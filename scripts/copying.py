@@ -3,8 +3,10 @@
 * Repeated random tokens: a random sequence, then the same sequence again. A model with
   induction heads predicts the second copy from the first (loss near 0); one without
   finds the copy as hard as the original.
-* Repeated names: in each story of a pretrain_data-style split (the first word is the
-  protagonist's name), the loss on the name at its first mention and at its later ones.
+* Repeated names: in each story of a pretrain_data-style split, the loss on the
+  protagonist's name (the word after "named" in the first sentence, as in "Once upon a
+  time, there was a girl named Lily.", else the story's first word, as in "Ben was an
+  8-year-old boy ...") at its first mention and at its later ones.
   A story names its hero about ten times; a model that reads its context finds the later
   mentions cheap.
 
@@ -20,6 +22,7 @@ import mixtral_mlx  # noqa: F401  (OpenBLAS before mlx)
 
 import argparse
 import json
+import re
 
 import mlx.core as mx
 import numpy as np
@@ -47,10 +50,15 @@ def repeated_random(model, tokenizer, length: int = 60, trials: int = 8, seed: i
     return {"first_copy": float(np.mean(first)), "second_copy": float(np.mean(second))}
 
 
+def protagonist(story: str) -> str:
+    named = re.search(r"\bnamed (\w+)", story.split(".")[0])  # in the first sentence: later ones name pets
+    return named.group(1) if named else story.split()[0]
+
+
 def repeated_names(model, tokenizer, texts: list[str], max_tokens: int = 512) -> dict[str, float]:
     first, later = [], []
     for text in texts:
-        name = tokenizer.encode(" " + text.split()[0])
+        name = tokenizer.encode(" " + protagonist(text))
         if len(name) != 1:  # a name of several pieces: skip rather than guess which piece counts
             continue
         ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(text)

@@ -50,3 +50,11 @@ def test_a_copier_finds_the_second_copy_free():
 def test_a_model_that_ignores_its_context_finds_both_copies_alike():
     r = copying.repeated_random(Uniform(), tokenizer, length=LENGTH, trials=2)
     assert r["first_copy"] == pytest.approx(r["second_copy"]) == pytest.approx(math.log(VOCAB), abs=1e-4)
+
+
+@pytest.mark.parametrize("story, name", [
+    ("Once upon a time, there was a girl named Lily. She had a dog named Buddy.", "Lily"),
+    ("Ben was an 8-year-old boy. Ben had a rabbit named Coco.", "Ben"),  # the pet is named later
+])
+def test_the_protagonist_is_the_first_sentences_name(story, name):
+    assert copying.protagonist(story) == name
