@@ -39,8 +39,9 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mixtral_mlx", *args], text=True, stdout=subprocess.PIPE)
 
 
-def exact_match(model: str, data: str, adapter: str | None = None) -> dict:
-    args = ["eval", "--model", model, "--data", data, "--split", "test", "--task", "exact-match", "--json"]
+def exact_match(model: str, data: str, adapter: str | None = None, answers: Path | None = None) -> dict:
+    args = ["eval", "--model", model, "--data", data, "--split", "test", "--task", "exact-match", "--json",
+            *(["--answers", str(answers)] if answers else [])]
     result = cli(*args, *(["--adapter", adapter] if adapter else []))
     if result.returncode != 0:
         sys.exit(f"eval failed for {adapter or model}")
@@ -63,7 +64,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    before = exact_match(args.model, args.data)
+    before = exact_match(args.model, args.data, answers=out / "answers-before.jsonl")
     rows = [{"method": "before fine-tuning", "exact_match": before["exact_match"], "trainable_parameters": 0,
              "train_seconds": 0.0, "peak_memory_gb": None}]
     print(f"before fine-tuning: {100 * before['exact_match']:.1f}%", flush=True)
@@ -78,8 +79,8 @@ def main() -> None:
                 sys.exit(f"{name}: finetune failed (exit {done.returncode})")
             print(f"{name}: fine-tuned in {time.perf_counter() - start:.0f} s", flush=True)
         results = json.loads((run / "results.json").read_text())
-        scored = (exact_match(str(run / "final"), args.data) if name == "full"
-                  else exact_match(args.model, args.data, str(run)))
+        scored = (exact_match(str(run / "final"), args.data, answers=run / "answers.jsonl") if name == "full"
+                  else exact_match(args.model, args.data, str(run), answers=run / "answers.jsonl"))
         rows.append({"method": label, "exact_match": scored["exact_match"],
                      **{k: results[k] for k in ("trainable_parameters", "train_seconds", "peak_memory_gb")},
                      "val_loss": results["val"]["loss"], "steps": results["steps"]})

@@ -123,10 +123,17 @@ def test_fuse_equals_model_plus_adapter_and_exact_match(task, tmp_path):
     assert adapted.stdout == plain.stdout
 
     r = run_cli("eval", "--model", str(task / "model"), "--adapter", str(tmp_path / "run"), "--data",
-                str(task / "data"), "--split", "test", "--task", "exact-match", "--limit", "4", "--json")
+                str(task / "data"), "--split", "test", "--task", "exact-match", "--limit", "4", "--json",
+                "--answers", str(tmp_path / "answers.jsonl"))
     assert r.returncode == 0, r.stderr
     scored = json.loads(r.stdout.strip().splitlines()[-1])
     assert scored["total"] == 4 and 0 <= scored["correct"] <= 4
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    tests = [json.loads(line) for line in (task / "data" / "test.jsonl").read_text().splitlines()[:4]]
+    assert [a["line"] for a in answers] == [1, 2, 3, 4]
+    assert [a["expected"] for a in answers] == [t["completion"] for t in tests]
+    assert [a["prompt"] for a in answers] == [t["prompt"] for t in tests]
+    assert sum(a["correct"] for a in answers) == scored["correct"]
 
 
 def test_qlora_fuses_exactly_with_dequantize(task, tmp_path):

@@ -23,6 +23,8 @@ def register(sub) -> None:
     p.add_argument("--max-batches", type=int, default=None, help="evaluate only this many batches")
     p.add_argument("--limit", type=int, default=None, help="exact-match: score only the first N examples")
     p.add_argument("--max-tokens", type=int, default=32, help="exact-match: longest answer to generate")
+    p.add_argument("--answers", default=None, metavar="FILE",
+                   help="exact-match: write each question's expected and generated answer to FILE (jsonl)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON (the only line on stdout)")
     p.set_defaults(func=run)
 
@@ -79,4 +81,8 @@ def exact_match(model, tokenizer, args) -> dict:
 
     examples = read_split(args.data, args.split)[:args.limit]
     result = score(model, tokenizer, examples, max_tokens=args.max_tokens)
+    if args.answers:
+        with open(args.answers, "w") as f:
+            for example, row in zip(examples, result["rows"]):
+                f.write(json.dumps({"line": example.line, "prompt": example.prompt_messages()[-1]["content"], **row}) + "\n")
     return {k: v for k, v in result.items() if k != "rows"}
