@@ -37,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise UserError(f"must be positive, got {value}", field=f"--{flag.replace('_', '-')}")
+    if args.answers and args.task != "exact-match":
+        raise UserError("there are answers to write only with --task exact-match", field="--answers")
     if args.adapter:
         from ..lora import adapter_dir
 
