@@ -133,12 +133,14 @@ def main() -> None:
         # The float32 model's other decoding paths: MLX's compiled one-token step (what
         # runs where the NumPy step does not), with the chosen experts gathered or all run.
         os.environ["MIXTRAL_MLX_DECODE"] = "mlx"
-        gathered = mixtral_mlx.load(directory)[0]
-        dense = mixtral_mlx.load(directory)[0]
-        dense.set_moe_dispatch("dense")
-        mlx_step = measure({"gather": (ours, gathered), "dense": (ours, dense)}, args.prompt_tokens[0],
-                           args.new_tokens, args.repeats, vocab)
-        del os.environ["MIXTRAL_MLX_DECODE"]
+        try:
+            gathered = mixtral_mlx.load(directory)[0]
+            dense = mixtral_mlx.load(directory)[0]
+            dense.set_moe_dispatch("dense")
+            mlx_step = measure({"gather": (ours, gathered), "dense": (ours, dense)}, args.prompt_tokens[0],
+                               args.new_tokens, args.repeats, vocab)
+        finally:
+            del os.environ["MIXTRAL_MLX_DECODE"]
 
     print("| weights | prompt | prefill tok/s (mixtral-mlx) | prefill tok/s (mlx-lm) "
           "| decode tok/s (mixtral-mlx) | decode tok/s (mlx-lm) |")

@@ -79,8 +79,9 @@ def main() -> None:
                 sys.exit(f"{name}: finetune failed (exit {done.returncode})")
             print(f"{name}: fine-tuned in {time.perf_counter() - start:.0f} s", flush=True)
         results = json.loads((run / "results.json").read_text())
-        scored = (exact_match(str(run / "final"), args.data, answers=run / "answers.jsonl") if name == "full"
-                  else exact_match(args.model, args.data, str(run), answers=run / "answers.jsonl"))
+        answers = run / "answers.jsonl"
+        scored = (exact_match(str(run / "final"), args.data, answers=answers) if name == "full"
+                  else exact_match(args.model, args.data, str(run), answers=answers))
         rows.append({"method": label, "exact_match": scored["exact_match"],
                      **{k: results[k] for k in ("trainable_parameters", "train_seconds", "peak_memory_gb")},
                      "val_loss": results["val"]["loss"], "steps": results["steps"]})

@@ -147,7 +147,7 @@ def test_training_steps_match_transformers_with_torch_adamw(tmp_path):
     optimizer = torch.optim.AdamW(theirs.parameters(), lr=lr, weight_decay=decay, eps=1e-8)
     rng = np.random.default_rng(0)
     for step in range(6):
-        ids = rng.integers(0, 97, size=(4, 33))
+        ids = rng.integers(0, theirs.config.vocab_size, size=(4, 33))
         batch = {"inputs": ids[:, :-1].astype(np.int32), "targets": ids[:, 1:].astype(np.int32),
                  "mask": np.ones((4, 32), np.float32)}
         result = trainer.train_step([batch])

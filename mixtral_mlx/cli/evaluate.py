@@ -86,5 +86,6 @@ def exact_match(model, tokenizer, args) -> dict:
     if args.answers:
         with open(args.answers, "w") as f:
             for example, row in zip(examples, result["rows"]):
-                f.write(json.dumps({"line": example.line, "prompt": example.prompt_messages()[-1]["content"], **row}) + "\n")
+                question = example.prompt_messages()[-1]["content"]
+                f.write(json.dumps({"line": example.line, "prompt": question, **row}) + "\n")
     return {k: v for k, v in result.items() if k != "rows"}
