@@ -7,7 +7,8 @@ Anything malformed is a `UserError` naming the file, line and field.
 
 * Pretraining: `tokenize_split` turns a split into one token stream (BOS, document, EOS,
   BOS, ...) cached as `.npy` and memory-mapped; `PackedBatches` cuts it into windows of
-  `seq_len + 1` tokens, no padding, in a seeded order; `eval_batches` walks it once.
+  `seq_len + 1` tokens, each starting at a document (or across documents, without
+  padding), in a seeded order; `eval_batches` walks the same windows once.
 * Fine-tuning: `FinetuneBatches` applies the chat template, masks the loss on prompt
   tokens, buckets by length and pads each batch to its longest sequence.
 
@@ -338,24 +339,85 @@ def _check_sharding(batch_size: int, rank: int, world: int) -> None:
                         field="--batch-size")
 
 
-class PackedBatches:
-    """Fixed windows of `seq_len + 1` tokens (no padding), `batch_size` per batch, forever.
+PACKINGS = ("document", "stream")
 
-    Window w covers tokens[w * seq_len : (w + 1) * seq_len + 1], so consecutive windows
-    share one token and every token after the first is a target exactly once per epoch.
+
+def document_starts(tokens: np.ndarray, bos_id: int | None, eos_id: int | None) -> np.ndarray:
+    """Where each document of a token stream begins: at its BOS, or else just after an EOS."""
+    tokens = np.asarray(tokens)
+    if bos_id is not None:
+        starts = np.flatnonzero(tokens == bos_id)
+    elif eos_id is not None:
+        starts = np.flatnonzero(tokens[:-1] == eos_id) + 1
+    else:
+        raise UserError("the tokenizer has neither BOS nor EOS, so documents cannot be told apart; "
+                        "use --packing stream", field="--packing")
+    if len(starts) == 0 or starts[0] != 0:
+        starts = np.concatenate([[0], starts])
+    return starts.astype(np.int64)
+
+
+def window_table(n_tokens: int, seq_len: int, doc_starts: np.ndarray | None = None,
+                 full_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(start, length) of windows of at most `seq_len + 1` tokens covering every target once.
+
+    Without `doc_starts` the windows run through the stream across document boundaries
+    (`full_only` drops a short last window); with them every document starts a window of
+    its own, so no window holds the end of one document and the start of the next, and a
+    document longer than a window goes on in the next. Consecutive windows of a run share
+    one token (the last input of one is the first of the next), so every token but a
+    document's first is a target exactly once.
+    """
+    seg_start = np.asarray(doc_starts if doc_starts is not None else [0], np.int64)
+    seg_end = np.append(seg_start[1:], n_tokens)
+    targets = np.maximum(seg_end - seg_start - 1, 0)
+    per_segment = targets // seq_len if full_only else -(-targets // seq_len)
+    segment = np.repeat(np.arange(len(seg_start)), per_segment)
+    first_of_segment = np.repeat(np.cumsum(per_segment) - per_segment, per_segment)
+    starts = seg_start[segment] + (np.arange(len(segment)) - first_of_segment) * seq_len
+    lengths = np.minimum(seq_len + 1, seg_end[segment] - starts)
+    return starts, lengths
+
+
+def _gather_windows(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray, seq_len: int,
+                    rows: int | None = None) -> dict[str, np.ndarray]:
+    """Windows as a batch of `rows` (default: one per window), padded with mask 0 on the right."""
+    rows = len(starts) if rows is None else rows
+    offsets = np.arange(seq_len + 1)
+    valid = np.zeros((rows, seq_len + 1), bool)
+    valid[:len(starts)] = offsets < lengths[:, None]
+    index = np.zeros((rows, seq_len + 1), np.int64)
+    index[:len(starts)] = starts[:, None] + offsets
+    w = np.where(valid, np.asarray(tokens[np.where(valid, index, 0)], dtype=np.int32), 0)
+    return {"inputs": w[:, :-1], "targets": w[:, 1:], "mask": valid[:, 1:].astype(np.float32)}
+
+
+class PackedBatches:
+    """Windows of up to `seq_len + 1` tokens, `batch_size` per batch, forever.
+
+    Stream packing (no `doc_starts`) cuts the token stream into full windows, no padding:
+    window w covers tokens[w * seq_len : (w + 1) * seq_len + 1]. Document packing starts a
+    window at every document (see `window_table`) and pads the rest of the row with mask
+    0: a document is read from its beginning, which is what a model must learn to do when
+    what it is asked comes late in a short document (a story, then questions about it).
     Each epoch visits every window once, in an order drawn from (seed, epoch); a batch
     may straddle two epochs, so no window is ever dropped. The position is (epoch, offset
     in windows): it does not depend on the batch size or the number of processes.
     """
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0, shuffle: bool = True,
+                 doc_starts: np.ndarray | None = None):
         for name, value in (("--batch-size", batch_size), ("--seq-len", seq_len)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"must be a positive integer, got {value!r}", field=name)
-        if len(tokens) < seq_len + 1:
+        if len(tokens) < seq_len + 1 and doc_starts is None:
             raise UserError(f"the data holds {len(tokens):,} tokens, fewer than one window of seq_len + 1 = "
                             f"{seq_len + 1}; use more data or a shorter --seq-len", field="--seq-len")
         self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
+        self.packing = "stream" if doc_starts is None else "document"
+        self.starts, self.lengths = window_table(len(tokens), seq_len, doc_starts, full_only=doc_starts is None)
+        if not len(self.starts):
+            raise UserError("the data holds no document of two tokens or more", field="--packing")
         self.seed, self.shuffle = seed, shuffle
         self.rank, self.world = 0, 1
         self.epoch, self.offset = 0, 0
@@ -363,12 +425,17 @@ class PackedBatches:
 
     @property
     def num_windows(self) -> int:
-        return (len(self.tokens) - 1) // self.seq_len
+        return len(self.starts)
 
     @property
     def tokens_per_epoch(self) -> int:
-        """Target tokens in one pass over the split (the tail shorter than a window is left out)."""
-        return self.num_windows * self.seq_len
+        """Target tokens in one pass over the split (stream packing leaves out a tail shorter than a window)."""
+        return int((self.lengths - 1).sum())
+
+    @property
+    def padding(self) -> float:
+        """The share of row positions that are padding."""
+        return 1 - self.tokens_per_epoch / (self.num_windows * self.seq_len)
 
     def __len__(self) -> int:
         """Batches per epoch (rounded up)."""
@@ -392,17 +459,18 @@ class PackedBatches:
             self.offset += len(take)
             if self.offset == self.num_windows:
                 self.epoch, self.offset = self.epoch + 1, 0
-        starts = _rows(np.asarray(windows, np.int64), self.rank, self.world) * self.seq_len
-        w = np.asarray(self.tokens[starts[:, None] + np.arange(self.seq_len + 1)], dtype=np.int32)
-        return {"inputs": w[:, :-1], "targets": w[:, 1:], "mask": np.ones(w[:, 1:].shape, np.float32)}
+        mine = _rows(np.asarray(windows, np.int64), self.rank, self.world)
+        return _gather_windows(self.tokens, self.starts[mine], self.lengths[mine], self.seq_len)
 
     def state(self) -> dict:
         return {"kind": "packed", "epoch": self.epoch, "offset": self.offset, "seed": self.seed,
-                "shuffle": self.shuffle, "seq_len": self.seq_len, "num_windows": self.num_windows}
+                "shuffle": self.shuffle, "seq_len": self.seq_len, "num_windows": self.num_windows,
+                "packing": self.packing}
 
     def load_state(self, state: dict) -> None:
+        state = {"packing": "stream", **state}  # positions saved before document packing existed
         _check_state(state, {"kind": "packed", "seed": self.seed, "shuffle": self.shuffle,
-                             "seq_len": self.seq_len, "num_windows": self.num_windows})
+                             "seq_len": self.seq_len, "packing": self.packing, "num_windows": self.num_windows})
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
 
     def shard(self, rank: int, world: int) -> "PackedBatches":
@@ -421,33 +489,30 @@ def _check_state(state: dict, expected: dict) -> None:
                             field="data position")
 
 
-def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int,
-                 max_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Consecutive windows covering the split once, in order, `batch_size` at a time.
+def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int | None = None,
+                 doc_starts: np.ndarray | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """The windows of `window_table` (stream or document packing) in order, `batch_size` at a time.
 
-    The last window may be short and the last batch may have fewer real rows; both are
-    padded (with mask 0) to (batch_size, seq_len) so a compiled step sees one shape.
-    Every token after the first is a target exactly once: mask.sum() == len(tokens) - 1.
+    Short windows and the last batch's missing rows are padded (with mask 0) to
+    (batch_size, seq_len) so a compiled step sees one shape. Every target of the split
+    is scored exactly once: mask.sum() == `num_targets(...)`.
     """
-    n_targets = len(tokens) - 1
-    n_windows = -(-n_targets // seq_len)
-    for b, first in enumerate(range(0, n_windows, batch_size)):
+    starts, lengths = window_table(len(tokens), seq_len, doc_starts)
+    for b, first in enumerate(range(0, len(starts), batch_size)):
         if max_batches is not None and b >= max_batches:
             return
-        inputs = np.zeros((batch_size, seq_len), np.int32)
-        targets = np.zeros((batch_size, seq_len), np.int32)
-        mask = np.zeros((batch_size, seq_len), np.float32)
-        for row, w in enumerate(range(first, min(first + batch_size, n_windows))):
-            chunk = np.asarray(tokens[w * seq_len:(w + 1) * seq_len + 1], dtype=np.int32)
-            n = len(chunk) - 1
-            inputs[row, :n], targets[row, :n], mask[row, :n] = chunk[:-1], chunk[1:], 1.0
-        yield {"inputs": inputs, "targets": targets, "mask": mask}
+        rows = slice(first, first + batch_size)
+        yield _gather_windows(tokens, starts[rows], lengths[rows], seq_len, rows=batch_size)
 
 
-def num_eval_batches(n_tokens: int, batch_size: int, seq_len: int) -> int:
+def num_eval_batches(n_tokens: int, batch_size: int, seq_len: int, doc_starts: np.ndarray | None = None) -> int:
     """How many batches `eval_batches` yields for a split of `n_tokens`."""
-    windows = -(-(n_tokens - 1) // seq_len)
-    return -(-windows // batch_size)
+    return -(-len(window_table(n_tokens, seq_len, doc_starts)[0]) // batch_size)
+
+
+def num_targets(n_tokens: int, doc_starts: np.ndarray | None = None) -> int:
+    """Tokens of a split that are predicted: all but the first (stream) or each document's first."""
+    return max(n_tokens - (1 if doc_starts is None else len(doc_starts)), 0)
 
 
 # ---------------------------------------------------------------------- fine-tuning batches

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from . import checkpoint as ckpt
@@ -114,8 +115,8 @@ def check_resume_compatible(cfg: TrainConfig, args: ModelArgs, checkpoint: Path)
         changed = sorted(k for k in set(saved_model) | set(args.to_hf()) if saved_model.get(k) != args.to_hf().get(k))
         raise UserError(f"the model config changed since this run was saved ({', '.join(changed)}); "
                         "resume with the run's own settings", file=checkpoint / ckpt.STATE_FILE, field=changed[0])
-    for key in ("batch_size", "seq_len", "grad_accum", "seed"):
-        if saved["config"].get(key) != getattr(cfg, key):
+    for key in ("batch_size", "seq_len", "packing", "grad_accum", "seed"):
+        if {"packing": "stream", **saved["config"]}.get(key) != getattr(cfg, key):
             raise UserError(f"was {saved['config'].get(key)} in the saved run, now {getattr(cfg, key)}: "
                             "exact resume needs the same data order", file=checkpoint / ckpt.STATE_FILE, field=key)
 
@@ -175,6 +176,7 @@ def resumed_config(cfg: TrainConfig, saved: dict, explicit: dict[str, Any], sour
             raise UserError(f"the run was saved with {key}={saved.get(key)!r}, not {value!r}; a resumed run keeps "
                             "its settings (start a new run to change it)", file=source,
                             field=f"--{key.replace('_', '-')}")
+    saved = {"packing": "stream", **saved}  # runs saved before document packing existed
     return dataclasses.replace(TrainConfig(**saved), **{k: getattr(cfg, k) for k in RESUMABLE if k in explicit})
 
 
@@ -219,7 +221,7 @@ def pretrain(cfg: TrainConfig, resume: str | bool | None = None, overwrite: bool
 
     `explicit`: the settings the user gave (flags and YAML); on resume only a few may change.
     """
-    from .data import PackedBatches, eval_batches
+    from .data import PackedBatches, eval_batches, num_targets
 
     group, log = join_processes(cfg, resume, log)
     rank, world = group.rank(), group.size()
@@ -229,8 +231,10 @@ def pretrain(cfg: TrainConfig, resume: str | bool | None = None, overwrite: bool
         run = prepare(cfg, resume, overwrite, rank, log, explicit)
     cfg, splits, tokenizer = run.cfg, run.splits, run.tokenizer
 
-    batches = PackedBatches(splits["train"].tokens, cfg.batch_size * world, cfg.seq_len, seed=cfg.seed)
-    log(f"data: {len(splits['train'].tokens):,} training tokens = {batches.num_windows:,} windows of {cfg.seq_len}")
+    starts = {s: split_documents(cfg, data, tokenizer) for s, data in splits.items()}
+    batches = PackedBatches(splits["train"].tokens, cfg.batch_size * world, cfg.seq_len, seed=cfg.seed,
+                            doc_starts=starts["train"])
+    log(describe_packing(batches, starts["train"]))
     if world > 1:
         log(f"data parallel: {world} processes x batch {cfg.batch_size} = global batch {cfg.batch_size * world}")
         batches = batches.shard(rank, world)
@@ -242,8 +246,9 @@ def pretrain(cfg: TrainConfig, resume: str | bool | None = None, overwrite: bool
 
     def run_evaluation(split: str, max_batches: int | None) -> dict[str, float]:
         data = splits[split]
-        nats, tokens = evaluate(model, eval_batches(data.tokens, cfg.batch_size, cfg.seq_len, max_batches))
-        covered = data.n_bytes * tokens / max(len(data.tokens) - 1, 1)  # bytes of the text evaluated
+        nats, tokens = evaluate(model, eval_batches(data.tokens, cfg.batch_size, cfg.seq_len, max_batches,
+                                                    doc_starts=starts[split]))
+        covered = data.n_bytes * tokens / max(num_targets(len(data.tokens), starts[split]), 1)  # bytes evaluated
         return eval_metrics(nats, tokens, covered)
 
     def load_weights(directory: Path) -> None:
@@ -260,6 +265,29 @@ def pretrain(cfg: TrainConfig, resume: str | bool | None = None, overwrite: bool
         (run.run_dir / "results.json").write_text(json.dumps(summary, indent=2))
     log(f"done: {final}")
     return final
+
+
+def split_documents(cfg: TrainConfig, split, tokenizer):
+    """Where the split's documents start, for document packing; None for stream packing."""
+    from .data import document_starts
+
+    if cfg.packing == "stream":
+        return None
+    return document_starts(split.tokens, tokenizer.bos_id, tokenizer.eos_id)
+
+
+def describe_packing(batches, doc_starts) -> str:
+    line = (f"data: {len(batches.tokens):,} training tokens = {batches.num_windows:,} windows of "
+            f"{batches.seq_len}, {batches.packing} packing")
+    if doc_starts is None:
+        return line
+    lengths = np.diff(np.append(doc_starts, len(batches.tokens)))
+    longer = int((lengths > batches.seq_len + 1).sum())
+    line += f" ({len(doc_starts):,} documents, {100 * batches.padding:.0f}% padding)"
+    if longer:
+        line += (f"; {longer:,} of them ({100 * longer / len(lengths):.0f}%) go on past one window: "
+                 f"--seq-len {int(lengths.max()) - 1} would keep every document whole")
+    return line
 
 
 def _final_evals(run_dir: Path) -> list[dict]:

@@ -47,6 +47,9 @@ class TrainConfig:
     max_time: float | None = None  # minutes; stops early, the schedule still spans `iters`
     batch_size: int = 8
     seq_len: int = 256
+    # "document": every document starts a row of its own (padded), so it is read from its
+    # beginning; "stream": rows cut anywhere in the concatenated documents, no padding.
+    packing: str = "document"
     lr: float = 2e-3
     min_lr: float = 2e-4
     warmup: int = 50
@@ -85,6 +88,8 @@ class TrainConfig:
         need(self.lr > 0, "lr", f"must be positive, got {self.lr!r}")
         need(self.min_lr <= self.lr, "min_lr", f"{self.min_lr} is above lr={self.lr}")
         need(isinstance(self.warmup, int) and 0 <= self.warmup, "warmup", f"must be >= 0, got {self.warmup!r}")
+        need(self.packing in ("document", "stream"), "packing",
+             f"must be document or stream, got {self.packing!r}")
         need(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         need(self.max_time is None or self.max_time > 0, "max_time", f"must be positive, got {self.max_time!r}")
         need(self.aux_loss_coef is None or self.aux_loss_coef >= 0, "aux_loss_coef", "must be >= 0")

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import mixtral_mlx  # noqa: F401  (preloads OpenBLAS before anything imports mlx)
-from mixtral_mlx.data import (Example, FinetuneBatches, PackedBatches, default_cache_dir, eval_batches, find_split,
-                              load_split, num_eval_batches, read_split, tokenize_split)
+from mixtral_mlx.data import (Example, FinetuneBatches, PackedBatches, default_cache_dir, document_starts, eval_batches,
+                              find_split, load_split, num_eval_batches, num_targets, read_split, tokenize_split)
 from mixtral_mlx.errors import UserError
 from mixtral_mlx.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
@@ -281,6 +281,76 @@ def test_eval_batches_cover_the_split_once():
     assert mask.sum() == 22 and targets[mask == 1].tolist() == list(range(1, 23))
     assert batches[1]["mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0], [0] * 4, [0] * 4]
     assert len(list(eval_batches(tokens, 4, 4, max_batches=1))) == 1
+
+
+BOS, EOS = 1, 2
+
+
+def documents(*lengths: int) -> np.ndarray:
+    """A stream of documents BOS, 10 * d + 3, 10 * d + 4, ..., EOS, each `lengths[d]` tokens long in all."""
+    return np.concatenate([[BOS, *range(10 * d + 3, 10 * d + n + 1), EOS] for d, n in enumerate(lengths)])
+
+
+def test_document_packing_counted_by_hand():
+    tokens = documents(4, 9, 3)  # one window, two (5 + 4 tokens sharing one), one
+    pb = PackedBatches(tokens, batch_size=4, seq_len=4, shuffle=False, doc_starts=document_starts(tokens, BOS, EOS))
+    assert (pb.num_windows, pb.tokens_per_epoch, len(pb)) == (4, 13, 1) and pb.padding == 1 - 13 / 16
+    b = next(pb)
+    assert b["inputs"].tolist() == [[1, 3, 4, 2], [1, 13, 14, 15], [16, 17, 18, 19], [1, 23, 2, 0]]
+    assert b["targets"].tolist() == [[3, 4, 2, 0], [13, 14, 15, 16], [17, 18, 19, 2], [23, 2, 0, 0]]
+    assert b["mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]]
+    assert pb.state()["packing"] == "document"
+
+
+@pytest.mark.parametrize("seq_len", [1, 3, 8, 40])
+def test_document_windows_never_cross_a_document_and_target_each_token_once(seq_len):
+    rng = np.random.default_rng(seq_len)
+    tokens = documents(*rng.integers(2, 30, size=12))
+    starts = document_starts(tokens, BOS, EOS)
+    doc_of = np.cumsum(tokens == BOS) - 1  # the document each position belongs to
+    pb = PackedBatches(tokens, batch_size=5, seq_len=seq_len, seed=1, doc_starts=starts)
+    seen = []
+    for _ in range(len(pb)):
+        b = next(pb)
+        for row in range(5):
+            n = int(b["mask"][row].sum())
+            assert b["mask"][row, :n].all() and not b["mask"][row, n:].any()  # padding only on the right
+            seen.extend(b["targets"][row, :n].tolist())
+    expected = tokens[np.setdiff1d(np.arange(len(tokens)), starts)]
+    assert sorted(seen[:pb.tokens_per_epoch]) == sorted(expected.tolist())
+    assert pb.tokens_per_epoch == num_targets(len(tokens), starts) == len(tokens) - 12
+    for start, length in zip(pb.starts, pb.lengths):
+        assert len(set(doc_of[start:start + length])) == 1
+
+
+def test_document_starts_from_bos_or_eos():
+    tokens = documents(3, 4)
+    assert document_starts(tokens, BOS, EOS).tolist() == [0, 3]
+    without_bos = tokens[tokens != BOS]  # 3, 2, 13, 14, 2
+    assert document_starts(without_bos, None, EOS).tolist() == [0, 2]
+    with pytest.raises(UserError, match="--packing: the tokenizer has neither BOS nor EOS"):
+        document_starts(tokens, None, None)
+
+
+def test_document_eval_batches_score_every_target_once():
+    tokens = documents(4, 9, 3, 7, 2)
+    starts = document_starts(tokens, BOS, EOS)
+    batches = list(eval_batches(tokens, batch_size=3, seq_len=4, doc_starts=starts))
+    assert len(batches) == num_eval_batches(len(tokens), 3, 4, starts) == 3  # 1 + 2 + 1 + 2 + 1 windows
+    mask = np.concatenate([b["mask"] for b in batches])
+    assert mask.sum() == num_targets(len(tokens), starts) == len(tokens) - 5
+    targets = np.concatenate([b["targets"] for b in batches])[mask == 1]
+    assert targets.tolist() == tokens[np.setdiff1d(np.arange(len(tokens)), starts)].tolist()  # in order
+
+
+def test_packing_mode_is_part_of_the_data_position():
+    tokens = documents(*[6] * 10)
+    stream = PackedBatches(tokens, 2, 4)
+    saved = stream.state()
+    with pytest.raises(UserError, match="packing"):
+        PackedBatches(tokens, 2, 4, doc_starts=document_starts(tokens, BOS, EOS)).load_state(saved)
+    del saved["packing"]  # a position saved before document packing existed is a stream position
+    PackedBatches(tokens, 2, 4).load_state(saved)
 
 
 # ---------------------------------------------------------------------- fine-tuning batches

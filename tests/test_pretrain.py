@@ -13,6 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+import yaml
 
 from mixtral_mlx import checkpoint
 from conftest import REPO, assert_user_error, run_cli
@@ -116,9 +117,30 @@ def test_resume_needs_a_checkpoint(tmp_path):
     assert_user_error(run_cli("pretrain", "--resume", str(tmp_path)), "no complete checkpoint")
 
 
+def test_document_packing_is_the_default_and_reports_split_documents(straight_run):
+    from mixtral_mlx.data import PackedBatches, document_starts
+    from mixtral_mlx.pretrain import describe_packing
+
+    assert yaml.safe_load((straight_run / "config.yaml").read_text())["packing"] == "document"
+    tokens = np.array([1, 5, 6, 2, 1, 5, 6, 7, 8, 9, 2])
+    starts = document_starts(tokens, 1, 2)
+    line = describe_packing(PackedBatches(tokens, 2, 4, doc_starts=starts), starts)
+    assert "3 windows of 4, document packing (2 documents, 25% padding)" in line
+    assert "1 of them (50%) go on past one window: --seq-len 6 would keep every document whole" in line
+
+
+def test_runs_saved_before_document_packing_resume_as_stream():
+    from mixtral_mlx.pretrain import resumed_config
+    from mixtral_mlx.train import TrainConfig
+
+    saved = {k: v for k, v in vars(TrainConfig(iters=5)).items() if k != "packing"}
+    assert resumed_config(TrainConfig(), saved, {}, Path("state.json")).packing == "stream"
+
+
 def test_bad_flags(tmp_path):
     assert_user_error(run_cli("pretrain", *TINY, "--lr", "-1", "--out", str(tmp_path / "x")), "--lr")
     assert_user_error(run_cli("pretrain", *TINY, "--seq-len", "100000", "--out", str(tmp_path / "y")), "--seq-len")
+    assert_user_error(run_cli("pretrain", *TINY, "--packing", "bins", "--out", str(tmp_path / "z")), "--packing")
     assert not (tmp_path / "x").exists()
     bad = tmp_path / "bad.yaml"
     bad.write_text("iters: 3\nlearning_rate: 0.1\n")

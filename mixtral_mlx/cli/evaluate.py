@@ -20,6 +20,8 @@ def register(sub) -> None:
                         "answers to each prompt scored against the expected completion")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--packing", default="document", choices=["document", "stream"],
+                   help="loss: windows that start at each document (as pretrain does by default) or run across them")
     p.add_argument("--max-batches", type=int, default=None, help="evaluate only this many batches")
     p.add_argument("--limit", type=int, default=None, help="exact-match: score only the first N examples")
     p.add_argument("--max-tokens", type=int, default=32, help="exact-match: longest answer to generate")
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def loss(model, tokenizer, args) -> dict:
-    from ..data import eval_batches, tokenize_split
+    from ..data import document_starts, eval_batches, num_targets, tokenize_split
     from ..errors import UserError
     from ..train import eval_metrics, evaluate
 
@@ -72,8 +74,10 @@ def loss(model, tokenizer, args) -> dict:
         raise UserError(f"{args.seq_len} is longer than the model's context ({model.args.max_position_embeddings})",
                         field="--seq-len")
     data = tokenize_split(args.data, args.split, tokenizer, log=lambda m: print(m, file=sys.stderr))
-    nats, tokens = evaluate(model, eval_batches(data.tokens, args.batch_size, args.seq_len, args.max_batches))
-    metrics = eval_metrics(nats, tokens, data.n_bytes * tokens / max(len(data.tokens) - 1, 1))
+    starts = None if args.packing == "stream" else document_starts(data.tokens, tokenizer.bos_id, tokenizer.eos_id)
+    nats, tokens = evaluate(model, eval_batches(data.tokens, args.batch_size, args.seq_len, args.max_batches,
+                                                doc_starts=starts))
+    metrics = eval_metrics(nats, tokens, data.n_bytes * tokens / max(num_targets(len(data.tokens), starts), 1))
     return {**metrics, "tokens": tokens}
 
 

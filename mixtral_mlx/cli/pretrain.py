@@ -13,6 +13,8 @@ FLAGS = {
     "max_time": (float, "stop after this many minutes (the schedule still spans --iters)"),
     "batch_size": (int, "sequences per micro-batch"),
     "seq_len": (int, "tokens per sequence"),
+    "packing": (str, "document (default): each document starts a sequence of its own, padded; "
+                     "stream: sequences cut anywhere in the concatenated documents"),
     "lr": (float, "peak learning rate"),
     "min_lr": (float, "learning rate at the end of the cosine decay"),
     "warmup": (int, "linear warmup steps"),
