@@ -10,6 +10,12 @@
   A story names its hero about ten times; a model that reads its context finds the later
   mentions cheap.
 
+* Questions after the story, asked as pretraining asks them: in each story followed by
+  "Questions about the story:" lines ("Who found the robot? Omar"), whether greedy
+  decoding from just after the question mark gives exactly the answer and then the line's
+  end (the same test as `eval --task exact-match`, scored teacher-forced in one forward
+  per story), overall and by the question's first two words.
+
 Answering finetune_data's questions (every answer is a word of the story) needs exactly
 this ability, so this is the first thing to check when fine-tuning does not take.
 
@@ -72,22 +78,57 @@ def repeated_names(model, tokenizer, texts: list[str], max_tokens: int = 512) ->
             "stories": len(first), "later_mention_count": len(later)}
 
 
+QUESTION_LINE = re.compile(r"^(?P<question>[^\n?]+\?) (?P<answer>[^\n]+)$", re.M)
+
+
+def story_questions(model, tokenizer, texts: list[str]) -> dict:
+    right: dict[str, list[bool]] = {}
+    skipped = 0
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    for text in texts:
+        if "Questions about the story:" not in text:
+            continue
+        ids = bos + tokenizer.encode(text) + eos
+        predicted = None
+        start = text.index("Questions about the story:")
+        for m in QUESTION_LINE.finditer(text, start):
+            asked = bos + tokenizer.encode(text[:m.end("question")])
+            answered = bos + tokenizer.encode(text[:m.end("answer")])
+            if ids[:len(answered)] != answered or answered[:len(asked)] != asked or len(answered) >= len(ids):
+                skipped += 1  # the text tokenizes differently cut there: no clean answer span
+                continue
+            if predicted is None:
+                predicted = np.array(mx.argmax(model(mx.array([ids[:-1]]))[0], axis=-1))
+            span = range(len(asked), len(answered) + 1)  # the answer's tokens and the token that ends its line
+            kind = " ".join(m.group("question").split()[:2]).lower()
+            right.setdefault(kind, []).append(all(predicted[i - 1] == ids[i] for i in span))
+    every = [r for rs in right.values() for r in rs]
+    return {"exact_match": float(np.mean(every)) if every else float("nan"), "questions": len(every),
+            "skipped": skipped, "by_kind": {k: [sum(v), len(v)] for k, v in sorted(right.items())}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
     p.add_argument("--data", default="pretrain_data")
     p.add_argument("--split", default="test")
-    p.add_argument("--stories", type=int, default=30)
+    p.add_argument("--stories", type=int, default=30, help="stories for the name measurement")
+    p.add_argument("--question-stories", type=int, default=None,
+                   help="stories for the questions measurement (default: the whole split)")
     a = p.parse_args()
     model, tokenizer = mixtral_mlx.load(a.model)
     model.eval()
-    texts = [e.text for e in read_split(a.data, a.split)[: a.stories] if e.format == "text"]
+    texts = [e.text for e in read_split(a.data, a.split) if e.format == "text"]
     report = {"model": a.model, "repeated_random": repeated_random(model, tokenizer),
-              "repeated_names": repeated_names(model, tokenizer, texts)}
-    r, n = report["repeated_random"], report["repeated_names"]
+              "repeated_names": repeated_names(model, tokenizer, texts[: a.stories]),
+              "story_questions": story_questions(model, tokenizer, texts[: a.question_stories])}
+    r, n, q = report["repeated_random"], report["repeated_names"], report["story_questions"]
     print(f"repeated random tokens: {r['first_copy']:.2f} nats on the first copy, {r['second_copy']:.2f} on the second")
     print(f"protagonist's name ({n['stories']} stories): {n['first_mention']:.2f} nats at the first mention, "
           f"{n['later_mentions']:.2f} at the {n['later_mention_count']} later ones")
+    kinds = ", ".join(f"{k} {c}/{t}" for k, (c, t) in q["by_kind"].items())
+    print(f"questions after the story: {100 * q['exact_match']:.1f}% exact of {q['questions']} ({kinds})")
     print(json.dumps(report))
 
 
