@@ -57,6 +57,22 @@ def preload() -> str:
                 except OSError as e:  # a broken library must not stop the program
                     status = f"MLX's bundled reference BLAS (loading {path} failed: {e})"
                     continue
-                status = f"OpenBLAS ({path})"
+                status = f"OpenBLAS ({path}{_kernel(path)})"
                 break
     return status
+
+
+def _kernel(path: str) -> str:
+    """", core NAME" as OpenBLAS names the kernels it chose, and OPENBLAS_CORETYPE when it forces them.
+
+    A machine may force older kernels (OPENBLAS_CORETYPE=Haswell on a newer CPU): matmuls
+    then run at a fraction of the CPU's rate, which every figure measured there inherits.
+    """
+    try:
+        get = ctypes.CDLL(path).openblas_get_corename
+        get.restype = ctypes.c_char_p
+        core = get().decode()
+    except (OSError, AttributeError):
+        return ""
+    forced = os.environ.get("OPENBLAS_CORETYPE")
+    return f", core {core}" + (f", forced by OPENBLAS_CORETYPE={forced}" if forced else "")
