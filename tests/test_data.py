@@ -164,9 +164,15 @@ def test_validate_prints_counts(tmp_path, tok_dir):
     assert r.returncode == 0, r.stderr
     rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[2:4]}
     assert rows["train"][1:4] == ["text", "2", "1"]
-    tokens = tokenize_split(data, "train", load_tokenizer(tok_dir), log=lambda _: None).n_tokens
-    assert rows["train"][5:7] == [f"{tokens:,}", f"{(tokens - 1) // 2:,}"]
+    tok = load_tokenizer(tok_dir)
+    tokens = tokenize_split(data, "train", tok, log=lambda _: None).n_tokens
+    lengths = [len(tok.encode(t, bos=True, eos=True)) for t in ("x y", "z")]
+    windows = sum(-(-(n - 1) // 2) for n in lengths)  # document packing: each document's own windows of 2 + 1
+    assert rows["train"][5:8] == [f"{tokens:,}", f"{max(lengths):,}", f"{windows:,}"]
     assert "test   absent" in r.stdout
+    r = run_cli("data", "validate", str(data), "--tokenizer", str(tok_dir), "--seq-len", "2", "--packing", "stream",
+                cwd=tmp_path)
+    assert r.stdout.splitlines()[2].split()[7] == f"{(tokens - 1) // 2:,}"
 
 
 # ---------------------------------------------------------------------- tokenized cache

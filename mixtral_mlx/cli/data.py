@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
+
 
 def register(sub) -> None:
     p = sub.add_parser("data", help="check a data directory, or download a public data set as jsonl splits")
@@ -15,6 +17,8 @@ def register(sub) -> None:
     v.add_argument("dir", help="directory with train.jsonl, val.jsonl (or valid.jsonl) and optionally test.jsonl")
     v.add_argument("--tokenizer", help="a tokenizer or model directory: also count tokens (and cache them)")
     v.add_argument("--seq-len", type=int, default=256, help="window length for the window count (default 256)")
+    v.add_argument("--packing", default="document", choices=["document", "stream"],
+                   help="how pretraining would cut the windows counted (default document)")
     v.set_defaults(func=validate)
 
     from ..datasets import DATASETS
@@ -28,7 +32,7 @@ def register(sub) -> None:
 
 
 def validate(args: argparse.Namespace) -> int:
-    from ..data import find_split, read_jsonl, tokenize_split
+    from ..data import document_starts, find_split, read_jsonl, tokenize_split, window_table
     from ..errors import UserError
     from ..tokenizer import load_tokenizer
 
@@ -48,18 +52,23 @@ def validate(args: argparse.Namespace) -> int:
 
     header = f"{'split':<6} {'format':<11} {'examples':>9} {'blank':>6} {'MB':>7}"
     if tokenizer is not None:
-        header += f" {'tokens':>11} {'windows':>8}"
+        header += f" {'tokens':>11} {'longest':>8} {'windows':>8}"
     print(f"{args.dir}\n{header}")
     for split, s in splits.items():
         row = f"{split:<6} {s.format:<11} {len(s.examples):>9,} {s.blank_lines:>6,} {s.n_bytes / 1e6:>7.2f}"
         if tokenizer is not None:
             tok = tokenize_split(args.dir, split, tokenizer, log=lambda _: None)
-            row += f" {tok.n_tokens:>11,} {(tok.n_tokens - 1) // args.seq_len:>8,}"
+            starts = document_starts(tok.tokens, tokenizer.bos_id, tokenizer.eos_id)
+            longest = int(np.diff(np.append(starts, tok.n_tokens)).max())
+            cut = starts if args.packing == "document" else None
+            windows = len(window_table(tok.n_tokens, args.seq_len, cut, full_only=cut is None)[0])
+            row += f" {tok.n_tokens:>11,} {longest:>8,} {windows:>8,}"
         print(row)
     if "test" not in splits:
         print("test   absent (only `eval --split test` needs it)")
     if tokenizer is not None:
-        print(f"windows: of --seq-len {args.seq_len} + 1 tokens, as pretraining packs them")
+        print(f"longest: the longest document in tokens; windows: of --seq-len {args.seq_len} + 1 tokens, "
+              f"{args.packing} packing, as pretraining cuts them")
     return 0
 
 
