@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from conftest import assert_user_error, run_cli
 
 
@@ -26,6 +28,15 @@ def test_debug_shows_traceback(tmp_path):
 def test_openblas_can_be_switched_off():
     r = run_cli("info", env={"MIXTRAL_MLX_OPENBLAS": "0"})
     assert r.returncode == 0 and "MIXTRAL_MLX_OPENBLAS=0" in r.stdout
+
+
+def test_blas_line_names_the_openblas_kernel_and_who_forced_it():
+    from mixtral_mlx import blas
+
+    if not blas.status.startswith("OpenBLAS ("):
+        pytest.skip(f"no OpenBLAS loaded here: {blas.status}")
+    r = run_cli("info", env={"OPENBLAS_CORETYPE": "Haswell"})
+    assert r.returncode == 0 and "core Haswell, forced by OPENBLAS_CORETYPE=Haswell" in r.stdout
 
 
 def test_grad_checkpoint_is_a_switch_of_both_training_commands():
