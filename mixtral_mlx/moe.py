@@ -237,28 +237,42 @@ def scatter_gates(indices: mx.array, scores: mx.array, num_experts: int) -> mx.a
 
 
 # ---------------------------------------------------------------------- router losses
-def load_balancing_loss(router_logits: list[mx.array] | mx.array, top_k: int) -> mx.array:
+def _pooled(router_logits: list[mx.array] | mx.array, mask: mx.array | None) -> tuple[mx.array, mx.array]:
+    """All layers' router logits as (N, E) float32 and a (N, 1) weight: the mask per layer, or ones.
+
+    `mask` (B, L): 1 where a position is trained on, 0 on padding, which then neither
+    counts as routed nor pulls the router losses.
+    """
+    layers = router_logits if isinstance(router_logits, (list, tuple)) else [router_logits]
+    E = layers[0].shape[-1]
+    logits = mx.concatenate([r.reshape(-1, E) for r in layers], axis=0).astype(mx.float32)
+    if mask is None:
+        return logits, mx.ones((logits.shape[0], 1), mx.float32)
+    weight = mx.concatenate([mask.reshape(-1, 1).astype(mx.float32)] * len(layers), axis=0)
+    return logits, weight
+
+
+def load_balancing_loss(router_logits: list[mx.array] | mx.array, top_k: int, mask: mx.array | None = None) -> mx.array:
     """The Switch Transformer auxiliary loss in transformers' Mixtral form.
 
     Over all tokens of all layers together: E * sum_e f_e * P_e, where f_e is the share
     of (token, slot) routings that go to expert e, per slot, and P_e the mean router
-    probability of e. Equals `transformers...load_balancing_loss_func` (no padding mask).
+    probability of e, both over the positions `mask` keeps. Equals
+    `transformers...load_balancing_loss_func` (with its `attention_mask` for `mask`).
     """
-    if isinstance(router_logits, (list, tuple)):
-        router_logits = mx.concatenate([r.reshape(-1, r.shape[-1]) for r in router_logits], axis=0)
-    logits = router_logits.reshape(-1, router_logits.shape[-1]).astype(mx.float32)
+    logits, weight = _pooled(router_logits, mask)
     E = logits.shape[-1]
     probs = mx.softmax(logits, axis=-1)
     chosen = mx.stop_gradient(mx.argpartition(-logits, kth=top_k - 1, axis=-1)[..., :top_k])
     routed = (chosen[..., None] == mx.arange(E)).astype(mx.float32)  # (N, k, E)
-    tokens_per_expert = routed.mean(axis=0)  # (k, E)
-    prob_per_expert = probs.mean(axis=0)  # (E,)
+    total = weight.sum()
+    tokens_per_expert = (routed * weight[..., None]).sum(axis=0) / total  # (k, E)
+    prob_per_expert = (probs * weight).sum(axis=0) / total  # (E,)
     return (tokens_per_expert * prob_per_expert).sum() * E
 
 
-def router_z_loss(router_logits: list[mx.array] | mx.array) -> mx.array:
-    """ST-MoE's z-loss: mean over tokens of logsumexp(router logits)^2 (all layers pooled)."""
-    if isinstance(router_logits, (list, tuple)):
-        router_logits = mx.concatenate([r.reshape(-1, r.shape[-1]) for r in router_logits], axis=0)
-    z = mx.logsumexp(router_logits.astype(mx.float32), axis=-1)
-    return (z * z).mean()
+def router_z_loss(router_logits: list[mx.array] | mx.array, mask: mx.array | None = None) -> mx.array:
+    """ST-MoE's z-loss: mean over the kept positions of logsumexp(router logits)^2 (all layers pooled)."""
+    logits, weight = _pooled(router_logits, mask)
+    z = mx.logsumexp(logits, axis=-1, keepdims=True)
+    return (z * z * weight).sum() / weight.sum()

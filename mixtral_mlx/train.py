@@ -129,18 +129,23 @@ def loss_terms(model, batch: dict[str, mx.array], n_tokens: mx.array, n_micro: m
     out = model.forward(batch["inputs"], router_logits=True, hidden_states=True)
     ce_sum = head_cross_entropy(model, out.hidden_states[-1], batch["targets"], batch["mask"])
     top_k = model.args.num_experts_per_tok
-    aux = load_balancing_loss(out.router_logits, top_k)
-    z = router_z_loss(out.router_logits)
-    counts = mx.stack([expert_counts(r, top_k) for r in out.router_logits])
+    # Padding (a short document's row, a fine-tune batch's tail) is neither routed for the
+    # router losses nor counted in the expert load.
+    aux = load_balancing_loss(out.router_logits, top_k, batch["mask"])
+    z = router_z_loss(out.router_logits, batch["mask"])
+    counts = mx.stack([expert_counts(r, top_k, batch["mask"]) for r in out.router_logits])
     total = ce_sum / n_tokens + (aux_coef * aux + z_coef * z) / n_micro
     return total, (ce_sum, aux, z, counts)
 
 
-def expert_counts(router_logits: mx.array, top_k: int) -> mx.array:
-    """How many (token, slot) routings each expert got: (E,)."""
+def expert_counts(router_logits: mx.array, top_k: int, mask: mx.array | None = None) -> mx.array:
+    """How many (token, slot) routings each expert got, over the positions `mask` keeps: (E,)."""
     E = router_logits.shape[-1]
     chosen = mx.argpartition(-router_logits.reshape(-1, E), kth=top_k - 1, axis=-1)[:, :top_k]
-    return (chosen[..., None] == mx.arange(E)).sum(axis=(0, 1))
+    routed = chosen[..., None] == mx.arange(E)  # (N, k, E)
+    if mask is not None:
+        routed = routed & (mask.reshape(-1, 1, 1) > 0)
+    return routed.sum(axis=(0, 1))
 
 
 # ---------------------------------------------------------------------- the trainer

@@ -102,6 +102,29 @@ def test_load_balancing_loss_equals_transformers():
     assert ours == pytest.approx(theirs, rel=1e-5)
 
 
+def test_masked_router_losses_equal_transformers_and_ignore_padding():
+    import torch
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    rng = np.random.default_rng(1)
+    layers = [rng.normal(size=(3 * 8, 8)).astype(np.float32) for _ in range(2)]  # batch 3 x 8 positions
+    mask = (np.arange(8)[None] < np.array([[8], [5], [2]])).astype(np.float32)
+    ours = load_balancing_loss([mx.array(x) for x in layers], top_k=2, mask=mx.array(mask)).item()
+    theirs = load_balancing_loss_func(tuple(torch.tensor(x) for x in layers), num_experts=8, top_k=2,
+                                      attention_mask=torch.tensor(mask)).item()
+    assert ours == pytest.approx(theirs, rel=1e-5)
+    # What padding holds changes nothing.
+    noisy = [x.copy() for x in layers]
+    for x in noisy:
+        x[mask.reshape(-1) == 0] = rng.normal(size=(int((mask == 0).sum()), 8)) * 10
+    for loss in (lambda ls, m: load_balancing_loss(ls, top_k=2, mask=m), lambda ls, m: router_z_loss(ls, mask=m)):
+        a = loss([mx.array(x) for x in layers], mx.array(mask)).item()
+        assert loss([mx.array(x) for x in noisy], mx.array(mask)).item() == pytest.approx(a, rel=1e-6)
+    kept = np.concatenate([x[mask.reshape(-1) == 1] for x in layers])
+    assert router_z_loss([mx.array(x) for x in layers], mx.array(mask)).item() == pytest.approx(
+        router_z_loss(mx.array(kept)).item(), rel=1e-6)
+
+
 def test_load_balancing_loss_is_top_k_when_perfectly_balanced():
     # uniform router: every expert gets 1/E of each slot's tokens and mean prob 1/E -> loss = k
     logits = mx.array(np.tile(np.eye(4, dtype=np.float32) * 1e-3, (25, 1)))

@@ -206,3 +206,11 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
 def test_grad_checkpoint_must_be_a_boolean():
     with pytest.raises(UserError, match="grad_checkpoint"):
         TrainConfig(grad_checkpoint="yes").validate("run.yaml")
+
+
+def test_expert_load_counts_only_the_positions_trained_on():
+    from mixtral_mlx.train import expert_counts
+
+    logits = mx.array([[[0.0, 1.0, 2.0], [2.0, 1.0, 0.0], [0.0, 2.0, 1.0]]])  # top-2: {2,1}, {0,1}, {1,2}
+    assert expert_counts(logits, 2).tolist() == [1, 3, 2]
+    assert expert_counts(logits, 2, mx.array([[1.0, 1.0, 0.0]])).tolist() == [1, 2, 1]
