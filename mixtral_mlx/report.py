@@ -110,7 +110,10 @@ def plot_run(run_dir: Path) -> list[Path]:
             ax.plot(ex, [e["loss"] for e in evals], "o-", label="val")
         ax.set_xlabel(label)
         ax.set_ylabel("cross-entropy (nats/token)")
-        ax.grid(alpha=0.3)
+        # Log scale: the late drops (a model learning to read its context) are a small
+        # share of the first step's loss but a large share of what is left.
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
         ax.legend()
     fig.suptitle("loss")
     save(fig, "loss.png")
