@@ -115,9 +115,10 @@ def check_resume_compatible(cfg: TrainConfig, args: ModelArgs, checkpoint: Path)
         changed = sorted(k for k in set(saved_model) | set(args.to_hf()) if saved_model.get(k) != args.to_hf().get(k))
         raise UserError(f"the model config changed since this run was saved ({', '.join(changed)}); "
                         "resume with the run's own settings", file=checkpoint / ckpt.STATE_FILE, field=changed[0])
+    saved_cfg = {**SAVED_BEFORE_SETTING_EXISTED, **saved["config"]}
     for key in ("batch_size", "seq_len", "packing", "grad_accum", "seed"):
-        if {"packing": "stream", **saved["config"]}.get(key) != getattr(cfg, key):
-            raise UserError(f"was {saved['config'].get(key)} in the saved run, now {getattr(cfg, key)}: "
+        if saved_cfg.get(key) != getattr(cfg, key):
+            raise UserError(f"was {saved_cfg.get(key)} in the saved run, now {getattr(cfg, key)}: "
                             "exact resume needs the same data order", file=checkpoint / ckpt.STATE_FILE, field=key)
 
 
@@ -165,18 +166,21 @@ class Prepared:
     splits: dict[str, Any]
 
 
+# What a run saved before a setting existed ran with: its value then, not today's default.
+SAVED_BEFORE_SETTING_EXISTED = {"packing": "stream"}
+
 # Settings a resumed run may change: how long it goes on, and how often it reports.
 RESUMABLE = {"iters", "max_time", "eval_every", "eval_batches", "save_every", "keep", "log_every", "wandb", "out"}
 
 
 def resumed_config(cfg: TrainConfig, saved: dict, explicit: dict[str, Any], source: Path) -> TrainConfig:
     """The saved run's settings, with the few that may change taken from `explicit` (what the user set)."""
+    saved = {**SAVED_BEFORE_SETTING_EXISTED, **saved}
     for key, value in explicit.items():
         if key not in RESUMABLE and saved.get(key) != value and key in saved:
             raise UserError(f"the run was saved with {key}={saved.get(key)!r}, not {value!r}; a resumed run keeps "
                             "its settings (start a new run to change it)", file=source,
                             field=f"--{key.replace('_', '-')}")
-    saved = {"packing": "stream", **saved}  # runs saved before document packing existed
     return dataclasses.replace(TrainConfig(**saved), **{k: getattr(cfg, k) for k in RESUMABLE if k in explicit})
 
 

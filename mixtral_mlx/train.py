@@ -29,6 +29,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .cpu_decode import release as release_decoding_copies
+from .data import PACKINGS
 from .errors import UserError
 from .losses import cross_entropy, head_cross_entropy
 from .moe import load_balancing_loss, router_z_loss
@@ -88,8 +89,7 @@ class TrainConfig:
         need(self.lr > 0, "lr", f"must be positive, got {self.lr!r}")
         need(self.min_lr <= self.lr, "min_lr", f"{self.min_lr} is above lr={self.lr}")
         need(isinstance(self.warmup, int) and 0 <= self.warmup, "warmup", f"must be >= 0, got {self.warmup!r}")
-        need(self.packing in ("document", "stream"), "packing",
-             f"must be document or stream, got {self.packing!r}")
+        need(self.packing in PACKINGS, "packing", f"must be one of {', '.join(PACKINGS)}, got {self.packing!r}")
         need(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         need(self.max_time is None or self.max_time > 0, "max_time", f"must be positive, got {self.max_time!r}")
         need(self.aux_loss_coef is None or self.aux_loss_coef >= 0, "aux_loss_coef", "must be >= 0")

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from mixtral_mlx import checkpoint
+from mixtral_mlx.errors import UserError
 from conftest import REPO, assert_user_error, run_cli
 
 DATA = REPO / "pretrain_data"
@@ -135,6 +136,8 @@ def test_runs_saved_before_document_packing_resume_as_stream():
 
     saved = {k: v for k, v in vars(TrainConfig(iters=5)).items() if k != "packing"}
     assert resumed_config(TrainConfig(), saved, {}, Path("state.json")).packing == "stream"
+    with pytest.raises(UserError, match="--packing: the run was saved with packing='stream', not 'document'"):
+        resumed_config(TrainConfig(), saved, {"packing": "document"}, Path("state.json"))
 
 
 def test_bad_flags(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
+from ..data import PACKINGS
 
 
 def register(sub) -> None:
@@ -17,7 +17,7 @@ def register(sub) -> None:
     v.add_argument("dir", help="directory with train.jsonl, val.jsonl (or valid.jsonl) and optionally test.jsonl")
     v.add_argument("--tokenizer", help="a tokenizer or model directory: also count tokens (and cache them)")
     v.add_argument("--seq-len", type=int, default=256, help="window length for the window count (default 256)")
-    v.add_argument("--packing", default="document", choices=["document", "stream"],
+    v.add_argument("--packing", default="document", choices=PACKINGS,
                    help="how pretraining would cut the windows counted (default document)")
     v.set_defaults(func=validate)
 
@@ -32,6 +32,8 @@ def register(sub) -> None:
 
 
 def validate(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from ..data import document_starts, find_split, read_jsonl, tokenize_split, window_table
     from ..errors import UserError
     from ..tokenizer import load_tokenizer

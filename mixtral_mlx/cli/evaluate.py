@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from ..data import PACKINGS
+
 TASKS = ("loss", "exact-match")
 
 
@@ -20,7 +22,7 @@ def register(sub) -> None:
                         "answers to each prompt scored against the expected completion")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--packing", default="document", choices=["document", "stream"],
+    p.add_argument("--packing", default="document", choices=PACKINGS,
                    help="loss: windows that start at each document (as pretrain does by default) or run across them")
     p.add_argument("--max-batches", type=int, default=None, help="evaluate only this many batches")
     p.add_argument("--limit", type=int, default=None, help="exact-match: score only the first N examples")
