@@ -21,7 +21,7 @@ def block(top_k=2, experts=4, seed=0):
     return SparseMoeBlock(args)
 
 
-# Token counts span one-row blocks (decoding) and two-row blocks.
+# Token counts span one-row blocks (decoding) and blocks of 2 to 32 rows.
 @pytest.mark.parametrize("top_k,experts,tokens", [(1, 4, 5), (2, 4, 7), (2, 8, 100), (3, 8, 40), (2, 4, 600),
                                                   (1, 2, 2100)])
 @pytest.mark.parametrize("dispatch", ["gather", "grouped"])
@@ -73,10 +73,18 @@ def test_groups_hold_each_pair_once_in_single_expert_blocks(skew):
             assert expert[r // block] == choices.reshape(-1)[p]
 
 
-def test_block_size():
+def test_block_size_keeps_padding_within_an_eighth_of_the_pairs():
     assert group_block_size(2, 8) == 1  # decoding one token: no pad rows
+    assert group_block_size(63, 8) == 1
     assert group_block_size(64, 8) == 2
-    assert group_block_size(4096, 8) == 2
+    assert group_block_size(200, 8) == 4
+    assert group_block_size(1024, 8) == 16
+    assert group_block_size(4096, 8) == 32  # the small preset's training batch: 248 pad rows at most
+    assert group_block_size(10**6, 8) == 32
+    for pairs in (8, 100, 1000, 5000, 20000):
+        for experts in (2, 8, 64):
+            b = group_block_size(pairs, experts)
+            assert b == 1 or experts * (b - 1) <= pairs // 8
 
 
 def test_scores_equal_softmax_then_renormalise():
