@@ -1,8 +1,10 @@
 """mixtral-mlx: train, fine-tune, run and look inside sparse MoE language models with MLX."""
 
 from . import blas as _blas
+from . import cpu_jit as _cpu_jit
 
 _blas.preload()  # must run before the first `import mlx`; see blas.py
+_cpu_jit.install()  # before MLX compiles its first kernel; see cpu_jit.py
 
 from .config import ModelArgs, load_preset  # noqa: E402
 from .errors import UserError  # noqa: E402

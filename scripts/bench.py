@@ -22,7 +22,10 @@ What each side runs:
   (greedy, KV cache).
 
 Every worker imports mixtral_mlx before mlx, so mlx-lm's matmuls use the same OpenBLAS
-as ours (MLX's bundled reference BLAS is ~37x slower); torch brings its own BLAS.
+as ours (MLX's bundled reference BLAS is ~37x slower); torch brings its own BLAS. mlx-lm
+runs MLX's fused kernels as MLX builds them by default; ours are built for this CPU
+(cpu_jit.py); `--peer-cpu-jit` gives mlx-lm the same flags. mlx-lm keeps MLX's kernel
+cache (TMPDIR) apart, one per set of flags, so it never loads a kernel built with ours.
 
 Memory is the peak of MLX's allocator for the MLX frameworks (weights, gradients,
 optimizer state and activations) and, for transformers, torch's CUDA allocator peak on a
@@ -39,6 +42,7 @@ from __future__ import annotations
 import mixtral_mlx  # noqa: F401  (loads OpenBLAS before mlx is imported)
 
 import argparse
+import hashlib
 import json
 import multiprocessing
 import os
@@ -53,7 +57,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mixtral_mlx import blas
+from mixtral_mlx import blas, cpu_jit
 from mixtral_mlx.config import load_preset, read_preset
 from mixtral_mlx.info import flops_per_token
 from mixtral_mlx.model import Model, init_weights
@@ -268,12 +272,18 @@ COMMANDS = {"train": _train, "prefill": _prefill, "generate": _generate}
 
 
 class Worker:
-    def __init__(self, name: str, model_dir: Path, opts: dict):
+    def __init__(self, name: str, model_dir: Path, opts: dict, env: dict[str, str]):
         ctx = multiprocessing.get_context("spawn")
         self.name = name
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=_serve, args=(name, str(model_dir), opts, child), daemon=True)
-        self.process.start()
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # a spawned process starts with the environment as it is now
+        try:
+            self.process.start()
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
     def ready(self) -> str | None:
         """None once built, else why it could not be."""
@@ -326,6 +336,22 @@ def random_batches(rng, n: int, batch_size: int, seq_len: int, vocab: int) -> li
     return out
 
 
+def worker_env(name: str, opts: dict, root: Path | None = None) -> dict[str, str]:
+    """mlx-lm: stock MLX kernels unless asked, in a kernel cache (TMPDIR) of their own, so it
+    never loads a kernel built with our flags. Ours use MLX's usual cache."""
+    if name != MLX_LM:
+        return {}
+    root = root or Path(tempfile.gettempdir()) / f"mixtral-mlx-{os.getuid()}" / "bench-kernels"
+    flags = kernel_flags(name, opts)
+    cache = root / f"{name}-{hashlib.sha256(flags.encode()).hexdigest()[:8]}"
+    cache.mkdir(parents=True, exist_ok=True)
+    return {"TMPDIR": str(cache), **({} if opts["peer_cpu_jit"] else {cpu_jit.ENV_VAR: "0"})}
+
+
+def kernel_flags(name: str, opts: dict) -> str:
+    return "MLX's default flags" if name == MLX_LM and not opts["peer_cpu_jit"] else cpu_jit.status
+
+
 def _rotated(names: list[str], r: int) -> list[str]:
     """Round r starts with a different framework, so none always runs first (or last)."""
     return names[r % len(names):] + names[: r % len(names)]
@@ -353,7 +379,7 @@ def run(opts: dict, log=print) -> dict:
         model_dir = Path(tmp) / "model"
         mixtral_mlx.save(init_weights(Model(args), seed=0), None, model_dir)
         log(f"starting {', '.join(names)} on a {opts['preset']} model ({model_dir})")
-        workers = {n: Worker(n, model_dir, opts) for n in names}
+        workers = {n: Worker(n, model_dir, opts, worker_env(n, opts)) for n in names}
         for n in list(workers):
             if (why := workers[n].ready()) is not None:
                 log(f"skipping {n}: {why}")
@@ -413,7 +439,8 @@ def run(opts: dict, log=print) -> dict:
         "steps": opts["steps"], "rounds": opts["rounds"], "prompt_len": opts["prompt_len"],
         "decode_tokens": n_new, "config": args.to_hf(), "machine": started_on,
         "load_average_at_end": machine()["load_average"], "mlx_device": str(mx.default_device()),
-        "blas": blas.status, "peak_flops": peak, "flops_per_token": flops, "versions": versions(),
+        "blas": blas.status, "kernel_flags": {n: kernel_flags(n, opts) for n in results if n != TRANSFORMERS},
+        "peak_flops": peak, "flops_per_token": flops, "versions": versions(),
         "greedy_tokens_agree": len({tuple(t) for t in outputs.values()}) == 1, "results": results, "ratios": ratios,
     }
 
@@ -460,13 +487,15 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens before decoding")
     p.add_argument("--decode-tokens", type=int, default=128, help="tokens decoded at batch 1")
     p.add_argument("--skip-peer", action="append", default=[], choices=PEERS, help="leave a peer out (repeatable)")
+    p.add_argument("--peer-cpu-jit", action="store_true",
+                   help="build mlx-lm's fused CPU kernels with our flags too (cpu_jit.py); default: MLX's")
     p.add_argument("--json", default=None, help="where to write the report (default: bench-PRESET-DTYPE.json)")
     a = p.parse_args()
     train = read_preset(a.preset).get("train", {})
     opts = {"preset": a.preset, "dtype": a.dtype, "batch_size": a.batch_size or train.get("batch_size", 8),
             "seq_len": a.seq_len or train.get("seq_len", 256), "steps": a.steps, "rounds": a.rounds,
             "warmup": a.warmup, "prompt_len": a.prompt_len, "decode_tokens": a.decode_tokens,
-            "skip_peer": a.skip_peer}
+            "skip_peer": a.skip_peer, "peer_cpu_jit": a.peer_cpu_jit}
     report = run(opts, log=lambda m: print(m, file=sys.stderr, flush=True))
     path = Path(a.json or f"bench-{a.preset}-{a.dtype}.json")
     path.write_text(json.dumps(report, indent=1) + "\n")

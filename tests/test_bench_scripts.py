@@ -28,14 +28,18 @@ def test_bench_reports_our_side(tmp_path):
     assert ours["train_tokens_per_s"] > 0 and ours["decode_tokens_per_s"] > 0 and ours["peak_memory"] > 0
     assert report["config"]["num_local_experts"] == 4 and report["blas"] and report["versions"]["mlx"]
     assert "mixtral-mlx checkpointed" in result.stdout and "train tok/s" in result.stdout
+    from mixtral_mlx import cpu_jit
+
+    assert report["kernel_flags"]["mixtral-mlx"] == cpu_jit.status
 
 
-def test_levers_measure_every_variant(tmp_path):
-    out = tmp_path / "levers.json"
-    result = run_script("levers.py", "--preset", "tiny", "--repeats", "1", "--decode-tokens", "4", "--json", str(out),
-                        cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    results = json.loads(out.read_text())["results"]
-    assert set(results["MoE block, forward + backward"]) == {"dense", "gather", "grouped"}
-    assert set(results["training step"]) == {"plain", "activation checkpointing"}
-    assert all(r["wall_s"] > 0 for group in results.values() for r in group.values())
+def test_mlx_lm_runs_stock_kernels_from_a_cache_of_its_own(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    import bench
+
+    stock, same_flags = {"peer_cpu_jit": False}, {"peer_cpu_jit": True}
+    assert bench.worker_env(bench.OURS, stock, tmp_path) == {}
+    peer = bench.worker_env(bench.MLX_LM, stock, tmp_path)
+    assert peer["MIXTRAL_MLX_CPU_JIT"] == "0" and os.path.isdir(peer["TMPDIR"])
+    peer_with_flags = bench.worker_env(bench.MLX_LM, same_flags, tmp_path)
+    assert "MIXTRAL_MLX_CPU_JIT" not in peer_with_flags and peer_with_flags["TMPDIR"] != peer["TMPDIR"]

@@ -1,4 +1,4 @@
-"""`mixtral-mlx info`: the machine, MLX, the BLAS, and a model's parameters, FLOPs and memory."""
+"""`mixtral-mlx info`: the machine, MLX, the BLAS, the fused kernels' compiler flags, and a model's parameters, FLOPs and memory."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import mlx.core as mx
 
-    from .. import blas
+    from .. import blas, cpu_jit
     from ..config import ModelArgs, load_preset
     from ..checkpoint import resolve
     from ..info import count_parameters, flops_per_token, human, human_bytes, matmul_gflops, weight_memory
@@ -26,6 +26,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"machine   {platform.system()} {platform.machine()}, python {platform.python_version()}")
     print(f"mlx       {mx.__version__}, device {mx.default_device()}")
     print(f"blas      {blas.status}; float32 matmul {matmul_gflops():.0f} GFLOP/s")
+    print(f"kernels   {cpu_jit.status}")
     if args.model is None and args.preset is None:
         return 0
     if args.preset:
