@@ -135,11 +135,13 @@ def _number(rng: random.Random, n: int) -> str:
     return str(n) if n > len(NUMBER_WORDS) - 1 or rng.random() < 0.6 else NUMBER_WORDS[n]
 
 
-def write_story(seed: str, events: tuple[int, int] = (5, 8), quiz: float = 0.0) -> Story:
+def write_story(seed: str, events: tuple[int, int] = (5, 8), quiz: float = 0.0,
+                asked: tuple[int, int] = (2, 4)) -> Story:
     """One story from `seed`; `events` bounds how many optional events it holds.
 
-    With probability `quiz` the story ends, as in a children's reader, with a few of its
-    questions and their answers ("Who found the kite? Ben"), one per line.
+    With probability `quiz` the story ends, as in a children's reader, with between
+    `asked[0]` and `asked[1]` of its questions and their answers ("Who found the kite?
+    Ben"), one per line, in random order.
     """
     rng = random.Random(seed)
     w = _Writer(rng)
@@ -266,6 +268,6 @@ def write_story(seed: str, events: tuple[int, int] = (5, 8), quiz: float = 0.0) 
     w.ask(f"How did {hero.name} feel at the end of the day?", feeling)
     text = w.text()
     if rng.random() < quiz:
-        asked = rng.sample(w.questions, rng.randint(2, 4))
-        text += "\n\nQuestions about the story:\n" + "\n".join(f"{q} {a}" for q, a in asked)
+        quiz_lines = rng.sample(w.questions, min(rng.randint(*asked), len(w.questions)))
+        text += "\n\nQuestions about the story:\n" + "\n".join(f"{q} {a}" for q, a in quiz_lines)
     return Story(text, w.questions)
