@@ -27,6 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelArgs
+from .remat import recompute_in_backward
 
 DISPATCHES = ("auto", "dense", "gather", "grouped")
 GATHER_BELOW_TOKENS = 32  # `auto` on the CPU gathers for fewer tokens than this
@@ -119,10 +120,26 @@ class Experts(nn.Module):
         weight = mx.concatenate([scores.reshape(-1), mx.zeros((1,), scores.dtype)])[groups.pair]
         g = self.w1.gather(x, groups.expert, sorted_indices=True)
         u = self.w3.gather(x, groups.expert, sorted_indices=True)
-        # Weighting before the (linear) down projection: each row leaves w2 already scaled.
-        a = weighted_swiglu(g, u, weight.reshape(-1, block, 1))
-        y = self.w2.gather(a, groups.expert, sorted_indices=True).reshape(rows, h)
+        y = self._down(g, u, weight.reshape(-1, block, 1), groups.expert).reshape(rows, h)
         return y[groups.row].reshape(T, k, h).sum(axis=1)
+
+    def _down(self, g: mx.array, u: mx.array, weight: mx.array, expert: mx.array) -> mx.array:
+        """w2(silu(g) * u * weight) over blocks of rows, weighted before the (linear) down
+        projection so each row leaves w2 already scaled.
+
+        For a plain w2 the backward pass recomputes w2's input and sigmoid(g), two (rows,
+        intermediate) arrays per layer, from g and u, which it keeps anyway, for a few
+        multiplies; no matmul is redone. An adapted w2 is left as it is (LoRA's dropout
+        would draw another mask in the recomputation).
+        """
+        if type(self.w2) is not ExpertLinear:
+            return self.w2.gather(weighted_swiglu(g, u, weight), expert, sorted_indices=True)
+
+        def down(g, u, weight, w2):
+            return mx.gather_mm(weighted_swiglu(g, u, weight), w2.swapaxes(-1, -2), rhs_indices=expert,
+                                sorted_indices=True)
+
+        return recompute_in_backward(down)(g, u, weight, self.w2.weight)
 
     def _swiglu(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         g = self.w1.gather(x, indices, sorted_indices)
