@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelArgs
-from .remat import recompute_in_backward
 
 
 def attention_mask(q_len: int, n_keys: int, offset: int, window: int | None):
@@ -84,10 +81,7 @@ class Attention(nn.Module):
         if mask is None:
             mask = attention_mask(L, k.shape[2], offset, self.window)
         if isinstance(mask, str) and L > CAUSAL_BLOCK and mx.default_device() == mx.cpu:
-            # The backward pass recomputes the scores and their softmax (small matmuls next
-            # to the experts') instead of keeping them: 26 MiB less at the small preset's
-            # batch of 8 x 256.
-            out = recompute_in_backward(partial(causal_attention_in_blocks, scale=self.scale))(q, k, v)
+            out = causal_attention_in_blocks(q, k, v, self.scale)
         else:  # a GPU's fused kernel skips masked blocks itself
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
