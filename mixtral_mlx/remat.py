@@ -20,8 +20,8 @@ def recompute_in_backward(fun: Callable[..., mx.array]) -> Callable[..., mx.arra
     """fun(*arrays) -> array, keeping only its inputs for the gradient and recomputing the rest.
 
     Every input gets a gradient; pass what should not (index arrays) through a closure.
-    The recomputed forward's own output is never asked for, so it is not computed: a
-    piece ending in a matmul pays only for what comes before it.
+    The recomputation costs time: choose pieces whose kept arrays are large and whose
+    forward is cheap next to their backward (see docs/performance.md for what paid).
     """
     @mx.custom_function
     def wrapped(*primals):
