@@ -35,7 +35,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .config import ModelArgs
 from .errors import UserError
 from .esft import ExpertSubset, apply_esft_adapter
-from .moe import ExpertLinear
+from .moe import ExpertLinear, expert_matmul
 from .quantize import QuantizedExpertLinear, QuantizedLinear, quantize_model
 
 ADAPTER_FILE = "adapters.safetensors"
@@ -210,9 +210,8 @@ class LoRAExpertLinear(nn.Module):
 
     def gather(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         """Row i of x through expert indices[i] (see ExpertLinear.gather)."""
-        z = mx.gather_mm(self.dropout(x), self.lora_a.swapaxes(-1, -2), rhs_indices=indices,
-                         sorted_indices=sorted_indices)
-        z = mx.gather_mm(z, self.lora_b.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+        z = expert_matmul(self.dropout(x), self.lora_a, indices, sorted_indices)
+        z = expert_matmul(z, self.lora_b, indices, sorted_indices)
         return self.linear.gather(x, indices, sorted_indices) + (self.scale * z).astype(x.dtype)
 
     def _lora_all(self, x: mx.array) -> mx.array:

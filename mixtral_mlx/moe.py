@@ -43,6 +43,11 @@ def resolve_dispatch(dispatch: str, num_tokens: int | None = None) -> str:
     return dispatch
 
 
+def expert_matmul(x: mx.array, weight: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+    """The rows of block i of x through the (E, out, in) weight of expert indices[i] (see ExpertLinear.gather)."""
+    return mx.gather_mm(x, weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+
+
 class ExpertLinear(nn.Module):
     """E bias-free linear layers stored as one (E, out, in) weight, like transformers' w1/w2/w3."""
 
@@ -61,7 +66,7 @@ class ExpertLinear(nn.Module):
         x broadcasts against indices, so (T, 1, 1, in) with (T, k) runs each token through
         k experts, and (blocks, M, in) with (blocks,) runs M rows at a time (`grouped`).
         """
-        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+        return expert_matmul(x, self.weight, indices, sorted_indices)
 
     def all_experts(self, x: mx.array) -> mx.array:
         """x: (T, in) -> (T, E, out): every expert on every row, as one matmul."""
@@ -136,8 +141,7 @@ class Experts(nn.Module):
             return self.w2.gather(weighted_swiglu(g, u, weight), expert, sorted_indices=True)
 
         def down(g, u, weight, w2):
-            return mx.gather_mm(weighted_swiglu(g, u, weight), w2.swapaxes(-1, -2), rhs_indices=expert,
-                                sorted_indices=True)
+            return expert_matmul(weighted_swiglu(g, u, weight), w2, expert, sorted_indices=True)
 
         return recompute_in_backward(down)(g, u, weight, self.w2.weight)
 

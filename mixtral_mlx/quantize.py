@@ -24,7 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
-from .moe import ExpertLinear
+from .moe import ExpertLinear, expert_matmul
 
 DEQUANTIZE_FROM_ROWS = 4  # on the CPU; measured crossover with mx.quantized_matmul: 2-3 rows
 DEQUANTIZE_MAX_BYTES = 1 << 28  # larger weights (a big model's experts) stay packed: memory first
@@ -97,8 +97,7 @@ class QuantizedExpertLinear(nn.Module):
     def gather(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         """The rows of block i of x through expert indices[i] (see ExpertLinear.gather)."""
         if _dequantize_first(x, self, self["weight"]):  # many rows (the grouped dispatch): the BLAS on dequantized weights
-            return mx.gather_mm(x, _dequantized(self).swapaxes(-1, -2), rhs_indices=indices,
-                                sorted_indices=sorted_indices)
+            return expert_matmul(x, _dequantized(self), indices, sorted_indices)
         return mx.gather_qmm(x, self["weight"], self["scales"], self.get("biases"), rhs_indices=indices,
                              transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode,
                              sorted_indices=sorted_indices)
