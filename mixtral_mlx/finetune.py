@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -234,18 +235,29 @@ def check_moved(before: dict[str, Any], model, steps: int, log=print) -> None:
 
 
 # ---------------------------------------------------------------------- exact match
+def question_kind(prompt: str) -> str:
+    """The kind of question a prompt ends with: its last sentence's first two words, lowercased.
+
+    "...dreamed of the gold lamp.\n\nHow old was Jack?" is a "how old" question. Scores
+    by kind show which lookups a model has learned and which it has not.
+    """
+    lines = prompt.strip().splitlines() or [""]
+    sentences = re.split(r"(?<=[.!?])\s+", lines[-1].strip())
+    return " ".join(re.sub(r"[^\w\s'-]", " ", sentences[-1]).lower().split()[:2])
+
+
 def exact_match(model, tokenizer, examples: Sequence, max_tokens: int = 32, progress: bool = True) -> dict[str, Any]:
     """Greedy answers to each example's prompt, scored against its expected answer.
 
     The prompt goes through the chat template as in training; decoding stops at EOS or
     at the end of the line, and the answer counts when it equals the expected one
-    (surrounding whitespace ignored).
+    (surrounding whitespace ignored). `by_kind` counts [right, asked] by `question_kind`.
     """
     from tqdm import tqdm
 
     from .generate import generate
 
-    rows, correct = [], 0
+    rows, correct, by_kind = [], 0, {}
     was_training = model.training
     model.eval()
     for example in tqdm(examples, desc="exact match", unit="example", disable=not progress, leave=False):
@@ -259,9 +271,13 @@ def exact_match(model, tokenizer, examples: Sequence, max_tokens: int = 32, prog
         answer = result.text.strip()
         ok = answer == expected.strip()
         correct += ok
+        kind = question_kind(example.prompt_messages()[-1]["content"])
+        by_kind.setdefault(kind, [0, 0])[0] += ok
+        by_kind[kind][1] += 1
         rows.append({"expected": expected, "answer": answer, "correct": ok})
     model.train(was_training)
-    return {"exact_match": correct / max(len(rows), 1), "correct": correct, "total": len(rows), "rows": rows}
+    return {"exact_match": correct / max(len(rows), 1), "correct": correct, "total": len(rows),
+            "by_kind": dict(sorted(by_kind.items())), "rows": rows}
 
 
 # ---------------------------------------------------------------------- the methods

@@ -34,6 +34,7 @@ import mlx.core as mx
 import numpy as np
 
 from mixtral_mlx.data import read_split
+from mixtral_mlx.finetune import question_kind
 
 
 def token_losses(model, ids: list[int]) -> np.ndarray:
@@ -101,7 +102,7 @@ def story_questions(model, tokenizer, texts: list[str]) -> dict:
             if predicted is None:
                 predicted = np.array(mx.argmax(model(mx.array([ids[:-1]]))[0], axis=-1))
             span = range(len(asked), len(answered) + 1)  # the answer's tokens and the token that ends its line
-            kind = " ".join(m.group("question").split()[:2]).lower()
+            kind = question_kind(m.group("question"))
             right.setdefault(kind, []).append(all(predicted[i - 1] == ids[i] for i in span))
     every = [r for rs in right.values() for r in rs]
     return {"exact_match": float(np.mean(every)) if every else float("nan"), "questions": len(every),

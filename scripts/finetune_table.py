@@ -5,9 +5,10 @@
 
 For each method it runs `mixtral-mlx finetune` (its own process, so peak memory is its
 own), then `mixtral-mlx eval --task exact-match` on the test split, and writes
-OUT/table.md (the README's table) and OUT/table.json. Flags after `--` go to every
-fine-tune (e.g. `-- --iters 300`). A method whose run directory already holds results
-is not run again, so an interrupted table continues where it stopped.
+OUT/table.md (the README's table, then right answers by kind of question and method) and
+OUT/table.json. Flags after `--` go to every fine-tune (e.g. `-- --iters 300`). A method
+whose run directory already holds results is not run again, so an interrupted table
+continues where it stopped.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def main() -> None:
 
     before = exact_match(args.model, args.data, answers=out / "answers-before.jsonl")
     rows = [{"method": "before fine-tuning", "exact_match": before["exact_match"], "trainable_parameters": 0,
-             "train_seconds": 0.0, "peak_memory_gb": None}]
+             "train_seconds": 0.0, "peak_memory_gb": None, "by_kind": before["by_kind"]}]
     print(f"before fine-tuning: {100 * before['exact_match']:.1f}%", flush=True)
     for name in methods:
         label, flags = METHODS[name]
@@ -82,7 +83,7 @@ def main() -> None:
         answers = run / "answers.jsonl"
         scored = (exact_match(str(run / "final"), args.data, answers=answers) if name == "full"
                   else exact_match(args.model, args.data, str(run), answers=answers))
-        rows.append({"method": label, "exact_match": scored["exact_match"],
+        rows.append({"method": label, "exact_match": scored["exact_match"], "by_kind": scored["by_kind"],
                      **{k: results[k] for k in ("trainable_parameters", "train_seconds", "peak_memory_gb")},
                      "val_loss": results["val"]["loss"], "steps": results["steps"]})
         print(f"{name}: {100 * scored['exact_match']:.1f}%", flush=True)
@@ -95,6 +96,11 @@ def main() -> None:
         memory = f"{r['peak_memory_gb']:.2f} GB" if r["peak_memory_gb"] is not None else "-"
         lines.append(f"| {r['method']} | {100 * r['exact_match']:.1f}% | {r['trainable_parameters']:,} | "
                      f"{r['train_seconds']:.0f} s | {memory} |")
+    lines += ["", "Right answers by kind of question (its first two words):", "",
+              "| question | " + " | ".join(name for name in ["before", *methods]) + " |",
+              "|---|" + "---:|" * (len(methods) + 1)]
+    for kind, (_, asked) in before["by_kind"].items():
+        lines.append(f"| {kind} ({asked}) | " + " | ".join(str(r["by_kind"][kind][0]) for r in rows) + " |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     (out / "table.json").write_text(json.dumps(rows, indent=2) + "\n")
     print("\n" + "\n".join(lines))

@@ -163,6 +163,8 @@ def _cases(base: Path, tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
         "eval zero seq-len": (["eval", "--model", str(base), "--data", str(data), "--seq-len", "0"], ["--seq-len"]),
         "eval answers without exact-match": (["eval", "--model", str(base), "--data", str(data), "--answers",
                                               "answers.jsonl"], ["--answers", "exact-match"]),
+        "eval by-kind without exact-match": (["eval", "--model", str(base), "--data", str(data), "--by-kind"],
+                                             ["--by-kind", "exact-match"]),
         "tokenizer vocab too small": (["tokenizer", "train", "--data", str(data), "--vocab-size", "10", "--out",
                                        str(tmp / "tok")], ["--vocab-size"]),
         "info unknown preset": (["info", "--preset", "nope"], ["--preset"]),
@@ -176,7 +178,8 @@ CASE_NAMES = ["empty split", "missing split", "missing data dir", "bad YAML", "u
               "tensor wrong shape", "NaN in weights", "tokenizer vocab disagrees", "zero max-tokens", "negative temp",
               "top-p out of range", "empty prompt", "unknown mode", "prompt longer than context",
               "adapter for another base", "finetune rank zero", "finetune unknown target", "eval missing test split",
-              "eval zero seq-len", "eval answers without exact-match", "tokenizer vocab too small", "info unknown preset"]
+              "eval zero seq-len", "eval answers without exact-match", "eval by-kind without exact-match",
+              "tokenizer vocab too small", "info unknown preset"]
 
 
 @pytest.fixture(scope="module")

@@ -128,6 +128,11 @@ def test_fuse_equals_model_plus_adapter_and_exact_match(task, tmp_path):
     assert r.returncode == 0, r.stderr
     scored = json.loads(r.stdout.strip().splitlines()[-1])
     assert scored["total"] == 4 and 0 <= scored["correct"] <= 4
+    assert scored["by_kind"] == {"what colour": [scored["correct"], 4]}
+    r = run_cli("eval", "--model", str(task / "model"), "--adapter", str(tmp_path / "run"), "--data",
+                str(task / "data"), "--split", "test", "--task", "exact-match", "--limit", "4", "--by-kind")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1].split()[:5] == ["what", "colour", str(scored["correct"]), "of", "4"]
     answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     tests = [json.loads(line) for line in (task / "data" / "test.jsonl").read_text().splitlines()[:4]]
     assert [a["line"] for a in answers] == [1, 2, 3, 4]
@@ -176,6 +181,21 @@ def test_exact_match_scores_greedy_answers_to_the_templated_prompt(task, monkeyp
     scored = exact_match(model, tokenizer, examples, progress=False)
     assert (scored["correct"], scored["total"], scored["exact_match"]) == (2, 4, 0.5)
     assert [r["correct"] for r in scored["rows"]] == [True, True, False, False]
+    assert scored["by_kind"] == {"what colour": [2, 4]}
+
+
+@pytest.mark.parametrize("prompt, kind", [
+    ("Jack found a gold lamp.\n\nHow old was Jack?", "how old"),
+    ("Ann has a red ball. Ben has a blue kite. What colour is the ball of Ann?", "what colour"),
+    ("A story.\n\nWhat was the name of Ruby's rabbit?  ", "what was"),
+    ("Who found the robot", "who found"),
+    ("Why?", "why"),
+    ("", ""),
+])
+def test_question_kind_is_the_last_sentences_first_two_words(prompt, kind):
+    from mixtral_mlx.finetune import question_kind
+
+    assert question_kind(prompt) == kind
 
 
 def test_two_processes_equal_one_with_the_doubled_batch(task, tmp_path):

@@ -29,6 +29,9 @@ def register(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=32, help="exact-match: longest answer to generate")
     p.add_argument("--answers", default=None, metavar="FILE",
                    help="exact-match: write each question's expected and generated answer to FILE (jsonl)")
+    p.add_argument("--by-kind", action="store_true",
+                   help="exact-match: also print the score by kind of question (the question's first two words); "
+                        "--json always holds it")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON (the only line on stdout)")
     p.set_defaults(func=run)
 
@@ -41,8 +44,9 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise UserError(f"must be positive, got {value}", field=f"--{flag.replace('_', '-')}")
-    if args.answers and args.task != "exact-match":
-        raise UserError("there are answers to write only with --task exact-match", field="--answers")
+    for flag in ("answers", "by_kind"):
+        if getattr(args, flag) and args.task != "exact-match":
+            raise UserError("means something only with --task exact-match", field=f"--{flag.replace('_', '-')}")
     if args.adapter:
         from ..lora import adapter_dir
 
@@ -61,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
     elif args.task == "exact-match":
         print(f"{args.split}: exact match {100 * metrics['exact_match']:.1f}% "
               f"({metrics['correct']:,} of {metrics['total']:,})")
+        if args.by_kind:
+            width = max(map(len, metrics["by_kind"]), default=0)
+            for kind, (right, asked) in metrics["by_kind"].items():
+                print(f"  {kind or '(empty)':<{width}}  {right:>4} of {asked:<4} {100 * right / asked:5.1f}%")
     else:
         print(f"{args.split}: loss {metrics['loss']:.4f}  ppl {metrics['ppl']:.2f}  "
               f"bits/byte {metrics['bpb']:.4f}  ({metrics['tokens']:,} tokens)")
