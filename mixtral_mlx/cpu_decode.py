@@ -220,6 +220,7 @@ class NumpyDecodeStep:
         weights /= weights.sum()
         out = np.zeros_like(x)
         for e, w in zip(chosen.tolist(), weights.tolist()):
-            gate, up = np.split(x @ layer.w13[e], 2)
+            h = x @ layer.w13[e]
+            gate, up = h[: h.shape[0] // 2], h[h.shape[0] // 2 :]  # slices: np.split took 7% of a token
             out += np.float32(w) * ((gate / (1 + np.exp(-gate)) * up) @ layer.w2[e])
         return out
