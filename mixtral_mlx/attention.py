@@ -24,7 +24,7 @@ def attention_mask(q_len: int, n_keys: int, offset: int, window: int | None):
     return (k_pos <= q_pos) & (q_pos - k_pos < window)
 
 
-CAUSAL_BLOCK = 64  # queries per block of `causal_attention_in_blocks`
+CAUSAL_BLOCK = 32  # queries per block of `causal_attention_in_blocks`; 64 was as fast, with 2 MiB more peak (small, 8 x 256)
 
 
 def causal_attention_in_blocks(q: mx.array, k: mx.array, v: mx.array, scale: float, block: int = CAUSAL_BLOCK):
