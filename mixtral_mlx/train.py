@@ -45,7 +45,7 @@ class TrainConfig:
     out: str | None = None
     preset: str = "small"
     iters: int = 1000
-    max_time: float | None = None  # minutes; stops early, the schedule still spans `iters`
+    max_time: float | None = None  # minutes of this invocation (a resume gets its own); the schedule still spans `iters`
     batch_size: int = 8
     seq_len: int = 256
     # "document": every document starts a row of its own (padded), so it is read from its
@@ -419,10 +419,11 @@ def fit(trainer: Trainer, task: Task, run_dir: Path, resume_from: Path | None = 
             plot_run(run_dir)
 
     try:
-        start = time.perf_counter() - state["elapsed"]
+        start = time.perf_counter() - state["elapsed"]  # the run's whole time, earlier invocations included
+        deadline = None if cfg.max_time is None else time.perf_counter() + 60 * cfg.max_time  # this invocation's
         with StopRequest() as stop:
             while trainer.step < cfg.iters:
-                if cfg.max_time is not None and time.perf_counter() - start >= 60 * cfg.max_time:
+                if deadline is not None and time.perf_counter() >= deadline:
                     reporter.message(f"--max-time {cfg.max_time} min reached at step {trainer.step}")
                     break
                 try:

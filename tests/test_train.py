@@ -172,6 +172,21 @@ def test_resume_from_older_checkpoint_after_a_crash(tmp_path):
     assert losses(tmp_path / "crashed") == reference
 
 
+def test_max_time_counts_from_the_resume_not_from_the_first_start(tmp_path):
+    """A run that has already trained for days still gets its --max-time minutes when resumed."""
+    trainer, task = make_run(tmp_path)
+    fit(trainer, task, tmp_path / "run", log=lambda *_: None)
+    for name in ("final", "step-000012", "latest"):
+        path = tmp_path / "run" / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    state_file = tmp_path / "run" / "step-000008" / ckpt.STATE_FILE
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "elapsed": 3 * 24 * 3600.0}))
+    trainer, task = make_run(tmp_path, max_time=60.0)
+    fit(trainer, task, tmp_path / "run", resume_from=tmp_path / "run" / "step-000008", log=lambda *_: None)
+    assert trainer.step == 12
+
+
 def test_keeps_last_checkpoints_and_pointer(tmp_path):
     trainer, task = make_run(tmp_path)
     final = fit(trainer, task, tmp_path / "run", log=lambda *_: None)

@@ -10,7 +10,8 @@ FLAGS = {
     "out": (str, "run directory (default runs/<timestamp>)"),
     "preset": (str, "model preset: tiny, small, minimixtral-175m (default small)"),
     "iters": (int, "optimizer steps"),
-    "max_time": (float, "stop after this many minutes (the schedule still spans --iters)"),
+    "max_time": (float, "stop after this many minutes, counted from this start (a --resume gets them afresh); "
+                          "the schedule still spans --iters"),
     "batch_size": (int, "sequences per micro-batch"),
     "seq_len": (int, "tokens per sequence"),
     "packing": (str, "document (default): each document starts a sequence of its own, padded; "
