@@ -1,13 +1,19 @@
 """Write finetune_data/: reading comprehension over generated stories, with one-word answers.
 
     python scripts/make_finetune_data.py [--out finetune_data] [--seed 0] [--format completion|chat]
-                                         [--train N] [--val N] [--test N]
+                                         [--train-questions one|all] [--train N] [--val N] [--test N]
 
 Each example is a new short story (none of them is in pretrain_data/) and one question
 about it whose answer is a word of the story: a name, place, object, colour, number or
 feeling. In the default `completion` format a line is {"prompt": story + question,
 "completion": answer}; `--format chat` writes the same as {"messages": [user, assistant]}.
 The completion is the expected answer for exact-match scoring. Deterministic from the seed.
+
+`--train-questions all` makes each train line a conversation that asks every question
+its story answers: the first user turn is the one-question example (story and question),
+then the other questions follow one per turn, in a seeded order. A story then teaches
+about 14 answers instead of one, for little more compute. Val and test keep one question
+a story, so their scores compare with the default's.
 """
 
 from __future__ import annotations
@@ -30,6 +36,17 @@ def example(seed: int, split: str, i: int) -> tuple[str, str]:
     return f"{story.text}\n\n{question}", answer
 
 
+def conversation(seed: int, split: str, i: int) -> list[dict[str, str]]:
+    """Example i as a chat asking every question of its story, the one `example` picks first."""
+    story = write_story(f"{seed}:finetune:{split}:{i}", events=STORY_EVENTS)
+    prompt, answer = example(seed, split, i)
+    first = (prompt.rsplit("\n\n", 1)[1], answer)
+    rest = [qa for qa in story.questions if qa != first]
+    random.Random(f"{seed}:questions:{split}:{i}").shuffle(rest)
+    turns = [(prompt, answer)] + rest
+    return [m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+
+
 def line(prompt: str, answer: str, fmt: str) -> str:
     if fmt == "chat":
         return json.dumps({"messages": [{"role": "user", "content": prompt},
@@ -37,11 +54,16 @@ def line(prompt: str, answer: str, fmt: str) -> str:
     return json.dumps({"prompt": prompt, "completion": answer})
 
 
-def make(out: Path, seed: int = 0, counts: dict[str, int] = DEFAULT_COUNTS, fmt: str = "completion") -> dict[str, int]:
+def make(out: Path, seed: int = 0, counts: dict[str, int] = DEFAULT_COUNTS, fmt: str = "completion",
+         train_questions: str = "one") -> dict[str, int]:
     out.mkdir(parents=True, exist_ok=True)
     sizes = {}
     for split, n in counts.items():
-        data = "".join(line(*example(seed, split, i), fmt) + "\n" for i in range(n)).encode()
+        if split == "train" and train_questions == "all":
+            lines = (json.dumps({"messages": conversation(seed, split, i)}) for i in range(n))
+        else:
+            lines = (line(*example(seed, split, i), fmt) for i in range(n))
+        data = "".join(l + "\n" for l in lines).encode()
         (out / f"{split}.jsonl").write_bytes(data)
         sizes[split] = len(data)
     return sizes
@@ -52,10 +74,13 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "finetune_data")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", choices=("completion", "chat"), default="completion")
+    p.add_argument("--train-questions", choices=("one", "all"), default="one",
+                   help="all: each train line is a chat asking every question its story answers")
     for split, n in DEFAULT_COUNTS.items():
         p.add_argument(f"--{split}", type=int, default=n, help=f"examples in {split}.jsonl (default {n})")
     args = p.parse_args()
-    sizes = make(args.out, args.seed, {s: getattr(args, s) for s in DEFAULT_COUNTS}, args.format)
+    sizes = make(args.out, args.seed, {s: getattr(args, s) for s in DEFAULT_COUNTS}, args.format,
+                 args.train_questions)
     for split, size in sizes.items():
         print(f"{args.out / split}.jsonl: {getattr(args, split):,} examples, {size / 1e6:.2f} MB")
 
