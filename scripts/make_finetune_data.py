@@ -10,10 +10,10 @@ feeling. In the default `completion` format a line is {"prompt": story + questio
 The completion is the expected answer for exact-match scoring. Deterministic from the seed.
 
 `--train-questions all` makes each train line a conversation that asks every question
-its story answers: the first user turn is the one-question example (story and question),
-then the other questions follow one per turn, in a seeded order. A story then teaches
-about 14 answers instead of one, for little more compute. Val and test keep one question
-a story, so their scores compare with the default's.
+its story answers, one per turn in a seeded order; the first turn also holds the story
+(the one-question example's story). A story then teaches about 14 answers instead of
+one, for little more compute. Val and test keep one question a story, so their scores
+compare with the default's.
 """
 
 from __future__ import annotations
@@ -37,13 +37,11 @@ def example(seed: int, split: str, i: int) -> tuple[str, str]:
 
 
 def conversation(seed: int, split: str, i: int) -> list[dict[str, str]]:
-    """Example i as a chat asking every question of its story, the one `example` picks first."""
+    """Example i's story as a chat asking every question it answers, in a seeded order."""
     story = write_story(f"{seed}:finetune:{split}:{i}", events=STORY_EVENTS)
-    prompt, answer = example(seed, split, i)
-    first = (prompt.rsplit("\n\n", 1)[1], answer)
-    rest = [qa for qa in story.questions if qa != first]
-    random.Random(f"{seed}:questions:{split}:{i}").shuffle(rest)
-    turns = [(prompt, answer)] + rest
+    turns = list(story.questions)
+    random.Random(f"{seed}:multi:{i}").shuffle(turns)  # train only, so the split is not in the seed
+    turns[0] = (f"{story.text}\n\n{turns[0][0]}", turns[0][1])
     return [m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
 
 

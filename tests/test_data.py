@@ -507,17 +507,19 @@ def test_finetune_chat_format_carries_the_same_examples(tmp_path):
 
 
 def test_finetune_train_questions_all_asks_every_question_once(tmp_path):
-    """`--train-questions all`: the train split's first turns are the one-question examples,
-    every later turn is another question of the same story; val and test do not change."""
+    """`--train-questions all`: each train line asks the questions of the one-question example's
+    story, each once, the story in the first turn; val and test do not change."""
     script = _load_script("make_finetune_data")
     script.make(tmp_path, counts={"train": 30, "test": 10}, train_questions="all")
     one = read_split(ROOT / "finetune_data", "train")[:30]
     for e, single in zip(read_split(tmp_path, "train"), one):
         messages = e.as_messages()
-        assert e.format == "chat" and messages[:2] == single.as_messages()
-        questions = [m["content"] for m in messages[2::2]]
-        assert len(set(questions)) == len(questions) >= 8
-        story = single.prompt.rsplit("\n\n", 1)[0]
-        assert all(m["content"] in story for m in messages[1::2])
+        story, question = single.prompt.rsplit("\n\n", 1)
+        first_story, first_question = messages[0]["content"].rsplit("\n\n", 1)
+        assert e.format == "chat" and first_story == story
+        turns = [(first_question, messages[1]["content"])] + [
+            (q["content"], a["content"]) for q, a in zip(messages[2::2], messages[3::2])]
+        assert len(set(q for q, _ in turns)) == len(turns) >= 8 and (question, single.answer) in turns
+        assert all(q.endswith("?") and "\n" not in q and a in story for q, a in turns)
     test = [e.as_messages() for e in read_split(tmp_path, "test")]
     assert test == [e.as_messages() for e in read_split(ROOT / "finetune_data", "test")[:10]]
