@@ -45,7 +45,7 @@ class TrainConfig:
     out: str | None = None
     preset: str = "small"
     iters: int = 1000
-    max_time: float | None = None  # minutes of this invocation (a resume gets its own); the schedule still spans `iters`
+    max_time: float | None = None  # minutes from this start (a resume gets them afresh); schedule spans `iters`
     batch_size: int = 8
     seq_len: int = 256
     # "document": every document starts a row of its own (padded), so it is read from its

@@ -40,7 +40,7 @@ def conversation(seed: int, split: str, i: int) -> list[dict[str, str]]:
     """Example i's story as a chat asking every question it answers, in a seeded order."""
     story = write_story(f"{seed}:finetune:{split}:{i}", events=STORY_EVENTS)
     turns = list(story.questions)
-    random.Random(f"{seed}:multi:{i}").shuffle(turns)  # train only, so the split is not in the seed
+    random.Random(f"{seed}:multi:{i}").shuffle(turns)  # the order docs/finetune.md's runs trained on
     turns[0] = (f"{story.text}\n\n{turns[0][0]}", turns[0][1])
     return [m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
 
