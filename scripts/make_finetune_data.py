@@ -29,26 +29,36 @@ DEFAULT_COUNTS = {"train": 2000, "val": 200, "test": 200}
 STORY_EVENTS = (2, 4)  # fewer events than pretraining stories: prompts of about 150 tokens
 
 
+def story_of(seed: int, split: str, i: int):
+    """The story of example i (the same for one question or all of them)."""
+    return write_story(f"{seed}:finetune:{split}:{i}", events=STORY_EVENTS)
+
+
 def example(seed: int, split: str, i: int) -> tuple[str, str]:
     """(prompt, answer) of example i: a story and one of the questions it answers."""
-    story = write_story(f"{seed}:finetune:{split}:{i}", events=STORY_EVENTS)
+    story = story_of(seed, split, i)
     question, answer = random.Random(f"{seed}:question:{split}:{i}").choice(story.questions)
     return f"{story.text}\n\n{question}", answer
 
 
-def conversation(seed: int, split: str, i: int) -> list[dict[str, str]]:
-    """Example i's story as a chat asking every question it answers, in a seeded order."""
-    story = write_story(f"{seed}:finetune:{split}:{i}", events=STORY_EVENTS)
+def conversation(seed: int, split: str, i: int) -> list[tuple[str, str]]:
+    """(user turn, answer) pairs of example i's story asking every question it answers, in a seeded order."""
+    story = story_of(seed, split, i)
     turns = list(story.questions)
     random.Random(f"{seed}:multi:{i}").shuffle(turns)  # the order docs/finetune.md's runs trained on
     turns[0] = (f"{story.text}\n\n{turns[0][0]}", turns[0][1])
-    return [m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+    return turns
+
+
+def chat(turns: list[tuple[str, str]]) -> str:
+    """A `{"messages"}` line: each (user turn, answer) pair as a user and an assistant message."""
+    return json.dumps({"messages": [m for q, a in turns for m in ({"role": "user", "content": q},
+                                                                  {"role": "assistant", "content": a})]})
 
 
 def line(prompt: str, answer: str, fmt: str) -> str:
     if fmt == "chat":
-        return json.dumps({"messages": [{"role": "user", "content": prompt},
-                                        {"role": "assistant", "content": answer}]})
+        return chat([(prompt, answer)])
     return json.dumps({"prompt": prompt, "completion": answer})
 
 
@@ -58,7 +68,7 @@ def make(out: Path, seed: int = 0, counts: dict[str, int] = DEFAULT_COUNTS, fmt:
     sizes = {}
     for split, n in counts.items():
         if split == "train" and train_questions == "all":
-            lines = (json.dumps({"messages": conversation(seed, split, i)}) for i in range(n))
+            lines = (chat(conversation(seed, split, i)) for i in range(n))
         else:
             lines = (line(*example(seed, split, i), fmt) for i in range(n))
         data = "".join(l + "\n" for l in lines).encode()

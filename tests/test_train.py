@@ -61,6 +61,13 @@ def make_run(tmp_path: Path, iters=12, **overrides):
     return trainer, task
 
 
+def remove(run_dir: Path, *names: str) -> None:
+    """Delete checkpoints (and the `latest` pointer) of a run, as if it had died before writing them."""
+    for name in names:
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def losses(run_dir: Path) -> list[float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in records if r["kind"] == "train"]
@@ -163,9 +170,7 @@ def test_resume_from_older_checkpoint_after_a_crash(tmp_path):
     reference = losses(tmp_path / "straight")
     trainer, task = make_run(tmp_path)
     fit(trainer, task, tmp_path / "crashed", log=lambda *_: None)
-    for name in ("final", "step-000008", "step-000012", "latest"):  # as if it died right after step 6
-        path = tmp_path / "crashed" / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    remove(tmp_path / "crashed", "final", "step-000008", "step-000012", "latest")  # as if it died after step 6
     trainer, task = make_run(tmp_path)
     fit(trainer, task, tmp_path / "crashed", resume_from=ckpt.latest_checkpoint(tmp_path / "crashed"),
         log=lambda *_: None)
@@ -176,9 +181,7 @@ def test_max_time_counts_from_the_resume_not_from_the_first_start(tmp_path):
     """A run that has already trained for days still gets its --max-time minutes when resumed."""
     trainer, task = make_run(tmp_path)
     fit(trainer, task, tmp_path / "run", log=lambda *_: None)
-    for name in ("final", "step-000012", "latest"):
-        path = tmp_path / "run" / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    remove(tmp_path / "run", "final", "step-000012", "latest")
     state_file = tmp_path / "run" / "step-000008" / ckpt.STATE_FILE
     state = json.loads(state_file.read_text())
     state_file.write_text(json.dumps({**state, "elapsed": 3 * 24 * 3600.0}))
