@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from . import checkpoint as ckpt
+from .data import Example
 from .errors import UserError
 from .lora import LoRAConfig
 from .pretrain import (check_resume_compatible, first_process_first, join_processes, layer_settings, prepare_run_dir,
@@ -246,6 +248,67 @@ def question_kind(prompt: str) -> str:
     return " ".join(re.sub(r"[^\w\s'-]", " ", sentences[-1]).lower().split()[:2])
 
 
+# A model can score well on a question without reading the prompt: by guessing the
+# answer such stories usually have. Swapping the fact in the prompt for another answer of
+# the same kind tells the two apart: a reader's answer follows the swap, a guesser's not.
+def answer_pool(question: str, answer: str) -> tuple[str, bool]:
+    """Which answers may stand in for each other in a swap: those to the same kind of
+    question, names only with names ("What was the weather like?" and "What was the name
+    of Ben's dog?" are both "what was")."""
+    return question_kind(question), answer[:1].isupper()
+
+
+def whole_word(word: str) -> re.Pattern:
+    return re.compile(rf"(?<!\w){re.escape(word)}(?!\w)")
+
+
+def has_word(text: str, word: str) -> bool:
+    return whole_word(word).search(text) is not None
+
+
+def swap_word(text: str, old: str, new: str) -> str:
+    """`text` with every whole-word `old` replaced by `new`."""
+    return whole_word(old).sub(lambda _: new, text)
+
+
+def swap_choices(items: Sequence[tuple[tuple[str, bool], str, str]], swaps: int,
+                 seed: int = 0) -> list[tuple[list[str], int]]:
+    """For each (pool, answer, text): up to `swaps` other answers of its pool (the answers
+    of all the items in that pool) drawn at random, seeded, and how many answers the pool
+    holds (a guess among them is right once in that many). An answer that is already a
+    word of the text is never drawn: the swap would merge two things of the story."""
+    members: dict[tuple[str, bool], set[str]] = {}
+    for pool, answer, _ in items:
+        members.setdefault(pool, set()).add(answer)
+    rng = random.Random(seed)
+    choices = []
+    for pool, answer, text in items:
+        others = [a for a in sorted(members[pool] - {answer}) if not has_word(text, a)]
+        choices.append((rng.sample(others, min(swaps, len(others))), len(members[pool])))
+    return choices
+
+
+def swapped_examples(examples: Sequence[Example], swaps: int, seed: int = 0) -> list[tuple[Example, float]]:
+    """Up to `swaps` copies of each example whose answer is a word of its prompt, with that
+    word replaced throughout the conversation by another answer of its pool (see
+    `answer_pool` and `swap_choices`) and expected as the answer; each with the chance of
+    guessing it (1 / the pool's size). Examples whose prompt does not hold their answer
+    are left out."""
+    def prompt_text(example: Example) -> str:
+        return "\n".join(m["content"] for m in example.prompt_messages())
+
+    readable = [e for e in examples if has_word(prompt_text(e), e.answer)]
+    items = [(answer_pool(e.prompt_messages()[-1]["content"], e.answer), e.answer, prompt_text(e)) for e in readable]
+    swapped = []
+    for example, (news, pool_size) in zip(readable, swap_choices(items, swaps, seed)):
+        for new in news:
+            messages = [dict(m, content=swap_word(m["content"], example.answer, new)) for m in example.prompt_messages()]
+            messages.append({"role": "assistant", "content": new})
+            copy = Example("chat", messages=tuple(messages), file=example.file, line=example.line)
+            swapped.append((copy, 1 / pool_size))
+    return swapped
+
+
 def exact_match(model, tokenizer, examples: Sequence, max_tokens: int = 32, progress: bool = True) -> dict[str, Any]:
     """Greedy answers to each example's prompt, scored against its expected answer.
 
@@ -278,6 +341,22 @@ def exact_match(model, tokenizer, examples: Sequence, max_tokens: int = 32, prog
     model.train(was_training)
     return {"exact_match": correct / max(len(rows), 1), "correct": correct, "total": len(rows),
             "by_kind": dict(sorted(by_kind.items())), "rows": rows}
+
+
+def swapped_exact_match(model, tokenizer, examples: Sequence[Example], swaps: int, max_tokens: int = 32,
+                        progress: bool = True) -> dict[str, Any]:
+    """`exact_match` on `swapped_examples`: how often the answer follows a fact swapped in
+    the prompt, beside how often a guess among the pool's answers would (`chance`),
+    overall and by kind ([followed, asked, chance])."""
+    pairs = swapped_examples(examples, swaps)
+    result = exact_match(model, tokenizer, [example for example, _ in pairs], max_tokens, progress)
+    chances: dict[str, list[float]] = {}
+    for example, chance in pairs:
+        chances.setdefault(question_kind(example.prompt_messages()[-1]["content"]), []).append(chance)
+    result["chance"] = sum(c for _, c in pairs) / max(len(pairs), 1)
+    result["by_kind"] = {kind: [right, asked, round(sum(chances[kind]) / asked, 3)]
+                         for kind, (right, asked) in result["by_kind"].items()}
+    return result
 
 
 # ---------------------------------------------------------------------- the methods

@@ -165,6 +165,8 @@ def _cases(base: Path, tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
                                               "answers.jsonl"], ["--answers", "exact-match"]),
         "eval by-kind without exact-match": (["eval", "--model", str(base), "--data", str(data), "--by-kind"],
                                              ["--by-kind", "exact-match"]),
+        "eval swap-answers zero": (["eval", "--model", str(base), "--data", str(data), "--task", "exact-match",
+                                    "--swap-answers", "0"], ["--swap-answers"]),
         "tokenizer vocab too small": (["tokenizer", "train", "--data", str(data), "--vocab-size", "10", "--out",
                                        str(tmp / "tok")], ["--vocab-size"]),
         "info unknown preset": (["info", "--preset", "nope"], ["--preset"]),
@@ -179,7 +181,7 @@ CASE_NAMES = ["empty split", "missing split", "missing data dir", "bad YAML", "u
               "top-p out of range", "empty prompt", "unknown mode", "prompt longer than context",
               "adapter for another base", "finetune rank zero", "finetune unknown target", "eval missing test split",
               "eval zero seq-len", "eval answers without exact-match", "eval by-kind without exact-match",
-              "tokenizer vocab too small", "info unknown preset"]
+              "eval swap-answers zero", "tokenizer vocab too small", "info unknown preset"]
 
 
 @pytest.fixture(scope="module")

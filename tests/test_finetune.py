@@ -130,11 +130,19 @@ def test_fuse_equals_model_plus_adapter_and_exact_match(task, tmp_path):
     assert scored["total"] == 4 and 0 <= scored["correct"] <= 4
     assert scored["by_kind"] == {"what colour": [scored["correct"], 4]}
     r = run_cli("eval", "--model", str(task / "model"), "--adapter", str(tmp_path / "run"), "--data",
-                str(task / "data"), "--split", "test", "--task", "exact-match", "--limit", "4", "--by-kind")
+                str(task / "data"), "--split", "test", "--task", "exact-match", "--limit", "4", "--by-kind",
+                "--swap-answers", "2")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines()[-1].split()[:5] == ["what", "colour", str(scored["correct"]), "of", "4"]
-    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    lines = r.stdout.splitlines()
+    assert lines[-3].split()[:5] == ["what", "colour", str(scored["correct"]), "of", "4"]
+    # every answer is a colour of its prompt: each example is swapped twice, among the 4 examples' colours
     tests = [json.loads(line) for line in (task / "data" / "test.jsonl").read_text().splitlines()[:4]]
+    colours = len({t["completion"] for t in tests})
+    swaps = 4 * min(2, colours - 1)
+    assert lines[-2].startswith("test, answers swapped in the prompt: the answer follows in") and f"of {swaps};" in lines[-2]
+    assert lines[-1].split()[:2] == ["what", "colour"] and f" of {swaps} " in lines[-1]
+    assert lines[-1].endswith(f"(a guess: {100 / colours:.1f}%)")
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert [a["line"] for a in answers] == [1, 2, 3, 4]
     assert [a["expected"] for a in answers] == [t["completion"] for t in tests]
     assert [a["prompt"] for a in answers] == [t["prompt"] for t in tests]
@@ -182,6 +190,74 @@ def test_exact_match_scores_greedy_answers_to_the_templated_prompt(task, monkeyp
     assert (scored["correct"], scored["total"], scored["exact_match"]) == (2, 4, 0.5)
     assert [r["correct"] for r in scored["rows"]] == [True, True, False, False]
     assert scored["by_kind"] == {"what colour": [2, 4]}
+
+
+def test_swap_word_replaces_whole_words_only():
+    from mixtral_mlx.finetune import swap_word
+
+    text = "Tom met Tommy. Tom's dog was seven-year-old Rex; at seven, Rex ran."
+    assert swap_word(text, "Tom", "Ann") == "Ann met Tommy. Ann's dog was seven-year-old Rex; at seven, Rex ran."
+    assert swap_word(text, "seven", "8") == "Tom met Tommy. Tom's dog was 8-year-old Rex; at 8, Rex ran."
+    assert swap_word("a.b and axb", "a.b", r"c\1") == r"c\1 and axb"  # neither is a regular expression
+
+
+def completion(prompt: str, answer: str, line: int = 0):
+    from mixtral_mlx.data import Example
+
+    return Example("completion", prompt=prompt, completion=answer, line=line)
+
+
+SWAPPABLE = [
+    completion("Ann has a red ball. What colour is the ball?", "red", 1),
+    completion("Ben has a blue kite. What colour is the kite?", "blue", 2),
+    completion("Cat has a cup. What colour is the cup?", "green", 3),  # not in the prompt: left out
+    completion("It was sunny. What was the weather like?", "sunny", 4),
+    completion("It was rainy. What was the weather like?", "rainy", 5),
+    completion("His dog, Rex, ran. Rex was fast. What was the name of the dog?", "Rex", 6),  # no other name
+    completion("Dan found a hat. Who found the hat?", "Dan", 7),
+    completion("Gus found a cup with Dan. Who found the cup?", "Gus", 9),  # Dan is in it: only Eve may stand in
+    completion("Eve found a box. Who found the box?", "Eve", 8),
+]
+
+
+def test_swapped_examples_swap_the_answer_for_another_of_its_kind():
+    from mixtral_mlx.finetune import swapped_examples
+
+    swapped = swapped_examples(SWAPPABLE, swaps=3)
+    got = [(e.line, e.prompt_messages()[-1]["content"], e.answer, chance) for e, chance in swapped]
+    assert sorted(got) == [
+        (1, "Ann has a blue ball. What colour is the ball?", "blue", 0.5),
+        (2, "Ben has a red kite. What colour is the kite?", "red", 0.5),
+        (4, "It was rainy. What was the weather like?", "rainy", 0.5),
+        (5, "It was sunny. What was the weather like?", "sunny", 0.5),
+        (7, "Eve found a hat. Who found the hat?", "Eve", 1 / 3),
+        (7, "Gus found a hat. Who found the hat?", "Gus", 1 / 3),
+        (8, "Dan found a box. Who found the box?", "Dan", 1 / 3),
+        (8, "Gus found a box. Who found the box?", "Gus", 1 / 3),
+        (9, "Eve found a cup with Dan. Who found the cup?", "Eve", 1 / 3),
+    ]  # the weather never becomes "Rex", the one name among the "what was" answers
+    assert swapped_examples(SWAPPABLE, swaps=3) == swapped  # seeded
+
+
+def test_swapped_exact_match_tells_a_reader_from_a_guesser(task, monkeypatch):
+    import sys
+
+    from mixtral_mlx.checkpoint import load
+    from mixtral_mlx.finetune import swapped_examples, swapped_exact_match
+
+    model, tokenizer = load(task / "model")
+    key = lambda e: tuple(tokenizer.encode_chat(e.prompt_messages(), add_generation_prompt=True)[0])
+    swapped = {key(e): (e.answer, e.line) for e, _ in swapped_examples(SWAPPABLE, swaps=1)}
+    originals = {e.line: e.answer for e in SWAPPABLE}
+    Result = dataclasses.make_dataclass("Result", ["text"])
+    for answer, follows in [(lambda new, line: new, 1.0), (lambda new, line: originals[line], 0.0)]:
+        monkeypatch.setattr(sys.modules["mixtral_mlx.generate"], "generate",
+                            lambda model, tokenizer, prompt, mode, max_tokens, stop: Result(answer(*swapped[tuple(prompt)])))
+        scored = swapped_exact_match(model, tokenizer, SWAPPABLE, swaps=1, progress=False)
+        assert (scored["exact_match"], scored["total"]) == (follows, 7)
+        assert scored["chance"] == pytest.approx((4 * 0.5 + 3 / 3) / 7)
+        assert scored["by_kind"] == {"what colour": [int(2 * follows), 2, 0.5], "what was": [int(2 * follows), 2, 0.5],
+                                     "who found": [int(3 * follows), 3, 0.333]}
 
 
 @pytest.mark.parametrize("prompt, kind", [

@@ -32,6 +32,10 @@ def register(sub) -> None:
     p.add_argument("--by-kind", action="store_true",
                    help="exact-match: also print the score by kind of question (the question's first two words); "
                         "--json always holds it")
+    p.add_argument("--swap-answers", type=int, default=None, metavar="N",
+                   help="exact-match: also score N copies of each example whose answer is a word of its prompt, "
+                        "that word swapped throughout for another answer to the same kind of question and expected "
+                        "instead: a model that reads the prompt follows the swap, one that guesses does not")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON (the only line on stdout)")
     p.set_defaults(func=run)
 
@@ -40,11 +44,11 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint import load
     from ..errors import UserError
 
-    for flag in ("batch_size", "seq_len", "max_batches", "limit", "max_tokens"):
+    for flag in ("batch_size", "seq_len", "max_batches", "limit", "max_tokens", "swap_answers"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise UserError(f"must be positive, got {value}", field=f"--{flag.replace('_', '-')}")
-    for flag in ("answers", "by_kind"):
+    for flag in ("answers", "by_kind", "swap_answers"):
         if getattr(args, flag) and args.task != "exact-match":
             raise UserError("means something only with --task exact-match", field=f"--{flag.replace('_', '-')}")
     if args.adapter:
@@ -65,14 +69,26 @@ def run(args: argparse.Namespace) -> int:
     elif args.task == "exact-match":
         print(f"{args.split}: exact match {100 * metrics['exact_match']:.1f}% "
               f"({metrics['correct']:,} of {metrics['total']:,})")
-        if args.by_kind:
-            width = max(map(len, metrics["by_kind"]), default=0)
-            for kind, (right, asked) in metrics["by_kind"].items():
-                print(f"  {kind or '(empty)':<{width}}  {right:>4} of {asked:<4} {100 * right / asked:5.1f}%")
+        print_by_kind(metrics, args.by_kind)
+        if "swapped" in metrics:
+            swapped = metrics["swapped"]
+            print(f"{args.split}, answers swapped in the prompt: the answer follows in {100 * swapped['exact_match']:.1f}% "
+                  f"({swapped['correct']:,} of {swapped['total']:,}; a guess among each kind's answers: "
+                  f"{100 * swapped['chance']:.1f}%)")
+            print_by_kind(swapped, args.by_kind)
     else:
         print(f"{args.split}: loss {metrics['loss']:.4f}  ppl {metrics['ppl']:.2f}  "
               f"bits/byte {metrics['bpb']:.4f}  ({metrics['tokens']:,} tokens)")
     return 0
+
+
+def print_by_kind(metrics: dict, show: bool) -> None:
+    if not show:
+        return
+    width = max(map(len, metrics["by_kind"]), default=0)
+    for kind, (right, asked, *chance) in metrics["by_kind"].items():
+        guess = f"  (a guess: {100 * chance[0]:.1f}%)" if chance else ""
+        print(f"  {kind or '(empty)':<{width}}  {right:>4} of {asked:<4} {100 * right / asked:5.1f}%{guess}")
 
 
 def loss(model, tokenizer, args) -> dict:
@@ -94,6 +110,7 @@ def loss(model, tokenizer, args) -> dict:
 def exact_match(model, tokenizer, args) -> dict:
     from ..data import read_split
     from ..finetune import exact_match as score
+    from ..finetune import swapped_exact_match
 
     examples = read_split(args.data, args.split)[:args.limit]
     result = score(model, tokenizer, examples, max_tokens=args.max_tokens)
@@ -102,4 +119,8 @@ def exact_match(model, tokenizer, args) -> dict:
             for example, row in zip(examples, result["rows"]):
                 question = example.prompt_messages()[-1]["content"]
                 f.write(json.dumps({"line": example.line, "prompt": question, **row}) + "\n")
-    return {k: v for k, v in result.items() if k != "rows"}
+    metrics = {k: v for k, v in result.items() if k != "rows"}
+    if args.swap_answers:
+        swapped = swapped_exact_match(model, tokenizer, examples, args.swap_answers, max_tokens=args.max_tokens)
+        metrics["swapped"] = {k: v for k, v in swapped.items() if k != "rows"}
+    return metrics
