@@ -498,6 +498,20 @@ def test_generators_reproduce_the_embedded_data_byte_for_byte(name, tmp_path):
         assert filecmp.cmp(tmp_path / f"{split}.jsonl", target / f"{split}.jsonl", shallow=False), split
 
 
+def test_pretrain_all_questions_keeps_the_stories_and_asks_each_question_once(tmp_path):
+    """`--all-questions`: the embedded stories word for word, each followed by every question it
+    answers (a superset of the embedded 4 to 6), each once."""
+    script = _load_script("make_pretrain_data")
+    script.make(tmp_path, counts={"train": 30}, asked=script.ALL_ASKED)
+    header = "\n\nQuestions about the story:\n"
+    for every, some in zip(read_split(tmp_path, "train"), read_split(ROOT / "pretrain_data", "train")[:30]):
+        story, asked = every.text.split(header)
+        embedded_story, embedded_asked = some.text.split(header)
+        lines = asked.split("\n")
+        assert story == embedded_story and 12 <= len(lines) == len(set(lines)) <= 20
+        assert set(embedded_asked.split("\n")) <= set(lines)
+
+
 def test_finetune_chat_format_carries_the_same_examples(tmp_path):
     _load_script("make_finetune_data").make(tmp_path, counts={"test": 20}, fmt="chat")
     chat = read_split(tmp_path, "test")
