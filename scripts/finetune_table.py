@@ -5,7 +5,8 @@
 
 For each method it runs `mixtral-mlx finetune` (its own process, so peak memory is its
 own), then `mixtral-mlx eval --task exact-match` on the test split, and writes
-OUT/table.md (the README's table, then right answers by kind of question and method) and
+OUT/table.md (the README's table, then right answers by kind of question and method, and
+how often each follows a fact swapped in the story, `eval --swap-answers 2`) and
 OUT/table.json. Flags after `--` go to every fine-tune (e.g. `-- --iters 300`). A method
 whose run directory already holds results is not run again, so an interrupted table
 continues where it stopped.
@@ -36,13 +37,16 @@ METHODS = {
 }
 
 
+SWAPS = 2  # swapped copies of each question: does the answer follow the story or a habit?
+
+
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mixtral_mlx", *args], text=True, stdout=subprocess.PIPE)
 
 
 def exact_match(model: str, data: str, adapter: str | None = None, answers: Path | None = None) -> dict:
     args = ["eval", "--model", model, "--data", data, "--split", "test", "--task", "exact-match", "--json",
-            *(["--answers", str(answers)] if answers else [])]
+            "--swap-answers", str(SWAPS), *(["--answers", str(answers)] if answers else [])]
     result = cli(*args, *(["--adapter", adapter] if adapter else []))
     if result.returncode != 0:
         sys.exit(f"eval failed for {adapter or model}")
@@ -66,8 +70,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     before = exact_match(args.model, args.data, answers=out / "answers-before.jsonl")
-    rows = [{"method": "before fine-tuning", "exact_match": before["exact_match"], "trainable_parameters": 0,
-             "train_seconds": 0.0, "peak_memory_gb": None, "by_kind": before["by_kind"]}]
+    rows = [{"method": "before fine-tuning", "exact_match": before["exact_match"], "swapped": before["swapped"],
+             "trainable_parameters": 0, "train_seconds": 0.0, "peak_memory_gb": None, "by_kind": before["by_kind"]}]
     print(f"before fine-tuning: {100 * before['exact_match']:.1f}%", flush=True)
     for name in methods:
         label, flags = METHODS[name]
@@ -83,24 +87,34 @@ def main() -> None:
         answers = run / "answers.jsonl"
         scored = (exact_match(str(run / "final"), args.data, answers=answers) if name == "full"
                   else exact_match(args.model, args.data, str(run), answers=answers))
-        rows.append({"method": label, "exact_match": scored["exact_match"], "by_kind": scored["by_kind"],
+        rows.append({"method": label, "exact_match": scored["exact_match"], "swapped": scored["swapped"],
+                     "by_kind": scored["by_kind"],
                      **{k: results[k] for k in ("trainable_parameters", "train_seconds", "peak_memory_gb")},
                      "val_loss": results["val"]["loss"], "steps": results["steps"]})
         print(f"{name}: {100 * scored['exact_match']:.1f}%", flush=True)
 
     machine = f"{platform.system()} {platform.machine()}, MLX {mx.__version__} ({mx.default_device()})"
     lines = [f"Test exact match on {args.data} ({before['total']} questions), {time.strftime('%Y-%m-%d')}, {machine}:",
-             "", "| method | test exact match | trainable parameters | training time | peak memory |",
-             "|---|---:|---:|---:|---:|"]
+             "", "| method | test exact match | follows a swapped fact | trainable parameters | training time "
+             "| peak memory |", "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         memory = f"{r['peak_memory_gb']:.2f} GB" if r["peak_memory_gb"] is not None else "-"
-        lines.append(f"| {r['method']} | {100 * r['exact_match']:.1f}% | {r['trainable_parameters']:,} | "
+        lines.append(f"| {r['method']} | {100 * r['exact_match']:.1f}% | {100 * r['swapped']['exact_match']:.1f}% | "
+                     f"{r['trainable_parameters']:,} | "
                      f"{r['train_seconds']:.0f} s | {memory} |")
     lines += ["", "Right answers by kind of question (its first two words):", "",
               "| question | " + " | ".join(name for name in ["before", *methods]) + " |",
               "|---|" + "---:|" * (len(methods) + 1)]
     for kind, (_, asked) in before["by_kind"].items():
         lines.append(f"| {kind} ({asked}) | " + " | ".join(str(r["by_kind"][kind][0]) for r in rows) + " |")
+    swapped = before["swapped"]
+    lines += ["", f"Answers that follow the fact swapped in the story ({SWAPS} swaps a question; a guess among "
+              f"the kind's answers would follow {100 * swapped['chance']:.1f}% of all {swapped['total']}):", "",
+              "| question (guess) | " + " | ".join(name for name in ["before", *methods]) + " |",
+              "|---|" + "---:|" * (len(methods) + 1)]
+    for kind, (_, asked, chance) in swapped["by_kind"].items():
+        lines.append(f"| {kind} ({asked}; {100 * chance:.0f}%) | "
+                     + " | ".join(str(r["swapped"]["by_kind"][kind][0]) for r in rows) + " |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     (out / "table.json").write_text(json.dumps(rows, indent=2) + "\n")
     print("\n" + "\n".join(lines))

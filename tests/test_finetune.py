@@ -408,3 +408,26 @@ def test_adapter_for_another_base(task, tmp_path):
         r = run_cli(command[0], "--model", str(tmp_path / "other"), "--adapter", str(tmp_path / "run"), *command[1:])
         assert_user_error(r, "adapter_config.json", "base_model.intermediate_size", "another base model")
     assert not (tmp_path / "fused").exists()
+
+
+def test_finetune_table_tabulates_scores_and_swaps(task, tmp_path):
+    """scripts/finetune_table.py end to end on the tiny task: one method, its table and JSON."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "table"
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "finetune_table.py"), "--model", str(task / "model"),
+                           "--data", str(task / "data"), "--out", str(out), "--methods", "lora", "--", *QUICK],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((out / "table.json").read_text())
+    assert [r["method"] for r in rows] == ["before fine-tuning", "LoRA (q, v, router)"]
+    assert rows[0]["swapped"]["total"] == rows[1]["swapped"]["total"] > 0 and rows[1]["steps"] == 8
+    table = (out / "table.md").read_text()
+    assert "| method | test exact match | follows a swapped fact |" in table
+    assert f"| LoRA (q, v, router) | {100 * rows[1]['exact_match']:.1f}% | {100 * rows[1]['swapped']['exact_match']:.1f}% |" in table
+    assert "| what colour (16) |" in table and "| what colour (" + str(rows[0]["swapped"]["total"]) + "; " in table
