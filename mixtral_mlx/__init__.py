@@ -2,9 +2,11 @@
 
 from . import blas as _blas
 from . import cpu_jit as _cpu_jit
+from . import cpu_streams as _cpu_streams
 
 _blas.preload()  # must run before the first `import mlx`; see blas.py
 _cpu_jit.install()  # before MLX compiles its first kernel; see cpu_jit.py
+_cpu_streams.configure()  # before MLX evaluates anything; see cpu_streams.py
 
 from .config import ModelArgs, load_preset  # noqa: E402
 from .errors import UserError  # noqa: E402

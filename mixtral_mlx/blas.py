@@ -26,6 +26,7 @@ CANDIDATES = (
 
 # What `mixtral-mlx info` reports: set once, by preload().
 status = "not attempted"
+_library: ctypes.CDLL | None = None  # the OpenBLAS MLX calls, once preload() found it
 
 
 def _already_preloaded() -> str | None:
@@ -45,6 +46,7 @@ def preload() -> str:
         status = f"MLX's bundled reference BLAS ({ENV_VAR}={setting})"
     elif (lib := _already_preloaded()) is not None:
         status = f"OpenBLAS via LD_PRELOAD ({lib})"
+        _remember(lib)
     elif "mlx.core" in sys.modules:
         status = "MLX's bundled reference BLAS (mlx was imported before mixtral_mlx)"
     else:
@@ -58,6 +60,7 @@ def preload() -> str:
                     status = f"MLX's bundled reference BLAS (loading {path} failed: {e})"
                     continue
                 status = f"OpenBLAS ({path}{_kernel(path)})"
+                _remember(path)
                 break
     return status
 
@@ -76,3 +79,25 @@ def _kernel(path: str) -> str:
         return ""
     forced = os.environ.get("OPENBLAS_CORETYPE")
     return f", core {core}" + (f", forced by OPENBLAS_CORETYPE={forced}" if forced else "")
+
+
+def _remember(path: str) -> None:
+    global _library
+    try:
+        _library = ctypes.CDLL(path)
+        _library.openblas_get_num_threads.restype = ctypes.c_int
+    except (OSError, AttributeError):
+        _library = None
+
+
+def threads() -> int | None:
+    """How many threads OpenBLAS gives one matmul, or None when MLX does not use OpenBLAS."""
+    return None if _library is None else _library.openblas_get_num_threads()
+
+
+def set_threads(n: int) -> int | None:
+    """Give each OpenBLAS matmul `n` threads; return the number it had (None: no OpenBLAS, nothing done)."""
+    before = threads()
+    if before is not None and before != n:
+        _library.openblas_set_num_threads(ctypes.c_int(n))
+    return before

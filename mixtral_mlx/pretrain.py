@@ -167,10 +167,12 @@ class Prepared:
 
 
 # What a run saved before a setting existed ran with: its value then, not today's default.
-SAVED_BEFORE_SETTING_EXISTED = {"packing": "stream"}
+SAVED_BEFORE_SETTING_EXISTED = {"packing": "stream", "cpu_streams": 1}
 
-# Settings a resumed run may change: how long it goes on, and how often it reports.
-RESUMABLE = {"iters", "max_time", "eval_every", "eval_batches", "save_every", "keep", "log_every", "wandb", "out"}
+# Settings a resumed run may change: how long it goes on, how often it reports, and how
+# many CPU streams share a step (the same sum, added up in another order).
+RESUMABLE = {"iters", "max_time", "eval_every", "eval_batches", "save_every", "keep", "log_every", "wandb", "out",
+             "cpu_streams"}
 
 
 def resumed_config(cfg: TrainConfig, saved: dict, explicit: dict[str, Any], source: Path) -> TrainConfig:

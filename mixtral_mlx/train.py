@@ -13,9 +13,11 @@ master weights are cast into the model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import re
 import signal
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -29,6 +31,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .cpu_decode import release as release_decoding_copies
+from .cpu_streams import blas_threads, default_shards, split_rows
 from .data import PACKINGS
 from .errors import UserError
 from .losses import cross_entropy, head_cross_entropy
@@ -59,6 +62,7 @@ class TrainConfig:
     grad_accum: int = 1
     dtype: str = "float32"
     grad_checkpoint: bool = False  # recompute activations in the backward pass: less memory, more time
+    cpu_streams: int | None = None  # shards of a micro-batch run at once, a CPU stream each (None: 2 on a CPU)
     eval_every: int = 100
     eval_batches: int = 8
     save_every: int = 200
@@ -93,6 +97,9 @@ class TrainConfig:
         need(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         need(self.max_time is None or self.max_time > 0, "max_time", f"must be positive, got {self.max_time!r}")
         need(self.aux_loss_coef is None or self.aux_loss_coef >= 0, "aux_loss_coef", "must be >= 0")
+        need(self.cpu_streams is None or (isinstance(self.cpu_streams, int) and not isinstance(self.cpu_streams, bool)
+                                          and self.cpu_streams > 0),
+             "cpu_streams", f"must be a positive integer, got {self.cpu_streams!r}")
         need(isinstance(self.grad_checkpoint, bool), "grad_checkpoint",
              f"must be true or false, got {self.grad_checkpoint!r}")
         return self
@@ -191,7 +198,11 @@ class Trainer:
         # shard of the global batch and they are summed; alone, the group has size 1.
         self.group = mx.distributed.init()
         self.world, self.rank = self.group.size(), self.group.rank()
-        self._grad_fn = self._compile_grad()
+        # Shards of each micro-batch run at once on CPU streams of their own (cpu_streams.py),
+        # each with its own compiled step, traced on its stream.
+        self.shards = cfg.cpu_streams or default_shards(self.world)
+        self._streams = [mx.new_stream(mx.cpu) for _ in range(self.shards)] if self.shards > 1 else [None]
+        self._grad_fns = [self._compile_grad() for _ in self._streams]
         self._update_fn = self._compile_update()
 
     def _cast_into_model(self):
@@ -232,19 +243,26 @@ class Trainer:
             raise UserError("another process of this data-parallel run failed; stopping all")
         if n_tokens == 0:
             raise UserError("a batch has no tokens to learn from (all masked)", field="data")
-        k = len(micro_batches) * self.world
+        sharded = [split_rows(batch, len(self._grad_fns)) for batch in micro_batches]
+        k = sum(len(shards) for shards in sharded) * self.world  # the router losses average over shards
         # Randomness inside the step (router jitter, dropout) comes from a key derived from
         # (seed, step, rank), so a resumed run draws exactly what the uninterrupted run drew.
         mx.random.seed((self.cfg.seed * 1_000_003 + self.step) * 64 + self.rank)
         n, n_micro = mx.array(n_tokens, dtype=mx.float32), mx.array(k, dtype=mx.float32)
         grads, totals = None, mx.zeros(3)
         counts = 0
-        for batch in micro_batches:
-            (ce_sum, a, zz, c), g = self._grad_fn({key: mx.array(v) for key, v in batch.items()}, n, n_micro)
-            grads = g if grads is None else tree_map(mx.add, grads, g)
-            totals = totals + mx.stack([ce_sum, a, zz])
-            counts = counts + c
-            mx.eval(grads, totals, counts)  # bound memory to one micro-batch's activations
+        with blas_threads(len(self._grad_fns)):
+            for shards in sharded:
+                for stream, grad_fn, shard in zip(self._streams, self._grad_fns, shards):
+                    with mx.stream(stream) if stream is not None else contextlib.nullcontext():
+                        (ce_sum, a, zz, c), g = grad_fn({key: mx.array(v) for key, v in shard.items()}, n, n_micro)
+                    grads = g if grads is None else tree_map(mx.add, grads, g)
+                    totals = totals + mx.stack([ce_sum, a, zz])
+                    counts = counts + c
+                    del g  # the sum alone holds the shard's gradients: MLX adds into their memory
+                for stage in backward_stages(grads):  # each layer's activations freed once its gradients exist
+                    mx.eval(stage)
+                mx.eval(grads, totals, counts)  # bound memory to one micro-batch's activations
         if self.world > 1:
             grads, totals, counts = self._all_sum((grads, totals, counts))
         self.master, norm = self._update_fn(grads, self.master)
@@ -298,6 +316,31 @@ class Trainer:
     def load_master_arrays(self, arrays: dict[str, mx.array]) -> None:
         self.master = tree_unflatten(list(arrays.items()))
         self._cast_into_model()
+
+
+def backward_stages(grads) -> list[list[mx.array]]:
+    """The gradients in the order the backward pass produces them: the head's (and any other
+    outside the layers) first, then each decoder layer's from the last to the first, then
+    the embedding's.
+
+    MLX orders one evaluation breadth-first from its outputs, and every gradient is an
+    output: evaluated together, all of them come at the end, and every layer's activations
+    stay alive until then (with MLX's order widened for CPU streams, cpu_streams.py, even
+    those that activation checkpointing recomputes). Evaluated stage by stage, a layer's
+    activations are freed as soon as its gradients exist. Small preset, batch 8 x 256, two
+    CPU streams: peak 535 -> 504 MiB at the same speed.
+    """
+    layers: dict[int, list[mx.array]] = {}
+    head, embedding = [], []
+    for name, g in tree_flatten(grads):
+        if (m := _LAYER.search(name)) is not None:
+            layers.setdefault(int(m.group(1)), []).append(g)
+        else:
+            (embedding if "embed_tokens" in name else head).append(g)
+    return [stage for stage in (head, *(layers[i] for i in sorted(layers, reverse=True)), embedding) if stage]
+
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def _global_norm(grads) -> mx.array:
@@ -378,6 +421,8 @@ def fit(trainer: Trainer, task: Task, run_dir: Path, resume_from: Path | None = 
         state = restore(trainer, task, resume_from, reshard)
         if is_main:
             log(f"resumed from {resume_from} at step {trainer.step}")
+    if is_main and trainer.shards > 1:
+        log(f"each micro-batch in {trainer.shards} shards at once, a CPU stream each (--cpu-streams)")
     reporter = Reporter(run_dir, cfg.iters, trainer.step, task.flops_per_token, peak_flops, enabled=is_main,
                         wandb_project=cfg.wandb, config=asdict(cfg))
     reporter.truncate(trainer.step)

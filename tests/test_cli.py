@@ -39,10 +39,12 @@ def test_blas_line_names_the_openblas_kernel_and_who_forced_it():
     assert r.returncode == 0 and "core Haswell, forced by OPENBLAS_CORETYPE=Haswell" in r.stdout
 
 
-def test_grad_checkpoint_is_a_switch_of_both_training_commands():
+def test_grad_checkpoint_and_cpu_streams_are_settings_of_both_training_commands():
     from mixtral_mlx.cli import build_parser
 
     parser = build_parser()
     for command in ("pretrain", "finetune"):
         assert parser.parse_args([command, "--grad-checkpoint"]).grad_checkpoint is True
         assert parser.parse_args([command]).grad_checkpoint is None  # the YAML's value or the default stands
+        assert parser.parse_args([command, "--cpu-streams", "1"]).cpu_streams == 1
+        assert parser.parse_args([command]).cpu_streams is None

@@ -12,12 +12,13 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 from mixtral_mlx import Model, checkpoint as ckpt, load_preset
 from mixtral_mlx.errors import UserError
 from mixtral_mlx.model import init_weights
-from mixtral_mlx.train import (Interrupted, Task, TrainConfig, Trainer, eval_metrics, evaluate as eval_model, fit,
-                               lr_schedule)
+from mixtral_mlx.train import (Interrupted, Task, TrainConfig, Trainer, backward_stages, eval_metrics,
+                               evaluate as eval_model, fit, lr_schedule)
 
 
 class CountingBatches:
@@ -232,3 +233,37 @@ def test_expert_load_counts_only_the_positions_trained_on():
     logits = mx.array([[[0.0, 1.0, 2.0], [2.0, 1.0, 0.0], [0.0, 2.0, 1.0]]])  # top-2: {2,1}, {0,1}, {1,2}
     assert expert_counts(logits, 2).tolist() == [1, 3, 2]
     assert expert_counts(logits, 2, mx.array([[1.0, 1.0, 0.0]])).tolist() == [1, 2, 1]
+
+
+def test_backward_stages_follow_the_backward_pass_and_cover_every_gradient():
+    model = Model(load_preset("tiny"))
+    grads = model.trainable_parameters()
+    stages = backward_stages(grads)
+    names = {id(v): name for name, v in tree_flatten(grads)}
+    named = [[names[id(g)] for g in stage] for stage in stages]
+    assert sorted(n for stage in named for n in stage) == sorted(names.values())  # each exactly once
+    layers = model.args.num_hidden_layers
+    assert len(stages) == layers + 2
+    assert all(not n.startswith("model.layers.") and "embed_tokens" not in n for n in named[0])  # head, final norm
+    for stage, layer in zip(named[1:-1], reversed(range(layers))):
+        assert all(n.startswith(f"model.layers.{layer}.") for n in stage)
+    assert named[-1] == ["model.embed_tokens.weight"]
+
+
+def test_grad_checkpoint_lowers_the_peak_of_a_step():
+    """Each layer keeps only its input and recomputes the rest when the backward pass reaches it.
+    With MLX's evaluation order widened (cpu_streams.py) that holds only because the step
+    evaluates its gradients layer by layer (train.backward_stages): all at once, the
+    recomputation ran early and the peak did not move."""
+    peaks = []
+    for checkpointing in (False, True):
+        trainer = Trainer(init_weights(Model(load_preset("tiny")), seed=0),
+                          TrainConfig(warmup=0, lr=1e-3, grad_checkpoint=checkpointing))
+        batch = next(CountingBatches(batch_size=16, seq_len=128))
+        trainer.train_step([batch])  # compile
+        mx.eval(trainer.model.parameters())
+        mx.reset_peak_memory()
+        trainer.train_step([batch])
+        peaks.append(mx.get_peak_memory())
+    plain, checkpointed = peaks
+    assert checkpointed < 0.8 * plain, (plain / 2**20, checkpointed / 2**20)

@@ -22,8 +22,8 @@ FLAGS = {
     "esft_examples": (int, "ESFT: training examples routed to score the experts (default 1024)"),
     **{name: TRAIN_FLAGS[name] for name in (
         "out", "iters", "max_time", "batch_size", "lr", "min_lr", "warmup", "weight_decay", "grad_clip",
-        "grad_accum", "dtype", "grad_checkpoint", "eval_every", "eval_batches", "save_every", "keep", "seed",
-        "aux_loss_coef", "z_loss_coef", "log_every", "wandb")},
+        "grad_accum", "dtype", "grad_checkpoint", "cpu_streams", "eval_every", "eval_batches", "save_every", "keep",
+        "seed", "aux_loss_coef", "z_loss_coef", "log_every", "wandb")},
     "seq_len": (int, "longest example in tokens; longer ones are cut (default 512)"),
     "tokenizer": (str, "directory with the tokenizer to use (default: the model's)"),
 }

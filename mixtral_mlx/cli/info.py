@@ -18,7 +18,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import mlx.core as mx
 
-    from .. import blas, cpu_jit
+    from .. import blas, cpu_jit, cpu_streams
     from ..config import ModelArgs, load_preset
     from ..checkpoint import resolve
     from ..info import count_parameters, flops_per_token, human, human_bytes, matmul_gflops, weight_memory
@@ -27,6 +27,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"mlx       {mx.__version__}, device {mx.default_device()}")
     print(f"blas      {blas.status}; float32 matmul {matmul_gflops():.0f} GFLOP/s")
     print(f"kernels   {cpu_jit.status}")
+    shards = cpu_streams.default_shards(1)
+    print(f"streams   a training step on {f'{shards} CPU streams' if shards > 1 else 'one stream'}; "
+          f"MLX's evaluation order: {cpu_streams.status}")
     if args.model is None and args.preset is None:
         return 0
     if args.preset:

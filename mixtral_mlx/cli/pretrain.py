@@ -24,6 +24,8 @@ FLAGS = {
     "grad_accum": (int, "micro-batches per optimizer step"),
     "dtype": (str, "float32, bfloat16 or float16 compute (master weights stay float32)"),
     "grad_checkpoint": (bool, "recompute activations in the backward pass: less memory, slower steps"),
+    "cpu_streams": (int, "shards of each micro-batch computed at once on a CPU, one stream each "
+                         "(default 2 with 2+ cores, 1 on a GPU): faster steps, a set of gradients more"),
     "eval_every": (int, "evaluate every N steps"),
     "eval_batches": (int, "validation batches per periodic evaluation (the final one covers the whole split)"),
     "save_every": (int, "checkpoint every N steps"),
