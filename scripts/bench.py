@@ -57,7 +57,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mixtral_mlx import blas, cpu_jit
+from mixtral_mlx import blas, cpu_jit, cpu_streams
 from mixtral_mlx.config import load_preset, read_preset
 from mixtral_mlx.info import flops_per_token
 from mixtral_mlx.model import Model, init_weights
@@ -78,7 +78,7 @@ class Ours:
         self.model, _ = mixtral_mlx.load(model_dir)
         cfg = TrainConfig(preset=opts["preset"], batch_size=opts["batch_size"], seq_len=opts["seq_len"],
                           dtype=opts["dtype"], lr=LR, min_lr=LR, warmup=0, weight_decay=WEIGHT_DECAY,
-                          iters=10**6, grad_checkpoint=checkpointing)
+                          iters=10**6, grad_checkpoint=checkpointing, cpu_streams=opts.get("cpu_streams"))
         self.trainer = Trainer(self.model, cfg.validate())
 
     def train_step(self, batch: dict[str, np.ndarray]) -> None:
@@ -272,13 +272,14 @@ COMMANDS = {"train": _train, "prefill": _prefill, "generate": _generate}
 
 
 class Worker:
-    def __init__(self, name: str, model_dir: Path, opts: dict, env: dict[str, str]):
+    def __init__(self, name: str, model_dir: Path, opts: dict, env: dict[str, str | None]):
         ctx = multiprocessing.get_context("spawn")
         self.name = name
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=_serve, args=(name, str(model_dir), opts, child), daemon=True)
         saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)  # a spawned process starts with the environment as it is now
+        for k, v in env.items():  # a spawned process starts with the environment as it is now; None: unset
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
         try:
             self.process.start()
         finally:
@@ -338,14 +339,16 @@ def random_batches(rng, n: int, batch_size: int, seq_len: int, vocab: int) -> li
 
 def worker_env(name: str, opts: dict, root: Path | None = None) -> dict[str, str]:
     """mlx-lm: stock MLX kernels unless asked, in a kernel cache (TMPDIR) of their own, so it
-    never loads a kernel built with our flags. Ours use MLX's usual cache."""
+    never loads a kernel built with our flags, and MLX's own evaluation order (importing
+    mixtral_mlx for OpenBLAS would widen it, see cpu_streams.py). Ours use MLX's usual cache."""
     if name != MLX_LM:
         return {}
     root = root or Path(tempfile.gettempdir()) / f"mixtral-mlx-{os.getuid()}" / "bench-kernels"
     flags = kernel_flags(name, opts)
     cache = root / f"{name}-{hashlib.sha256(flags.encode()).hexdigest()[:8]}"
     cache.mkdir(parents=True, exist_ok=True)
-    return {"TMPDIR": str(cache), **({} if opts["peer_cpu_jit"] else {cpu_jit.ENV_VAR: "0"})}
+    order = {cpu_streams.ENV_VAR: "mlx", cpu_streams.WIDTH_VAR: None} if cpu_streams.widened else {}
+    return {"TMPDIR": str(cache), **order, **({} if opts["peer_cpu_jit"] else {cpu_jit.ENV_VAR: "0"})}
 
 
 def kernel_flags(name: str, opts: dict) -> str:
@@ -487,6 +490,7 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens before decoding")
     p.add_argument("--decode-tokens", type=int, default=128, help="tokens decoded at batch 1")
     p.add_argument("--skip-peer", action="append", default=[], choices=PEERS, help="leave a peer out (repeatable)")
+    p.add_argument("--cpu-streams", type=int, help="our training step's CPU streams (default: the trainer's)")
     p.add_argument("--peer-cpu-jit", action="store_true",
                    help="build mlx-lm's fused CPU kernels with our flags too (cpu_jit.py); default: MLX's")
     p.add_argument("--json", default=None, help="where to write the report (default: bench-PRESET-DTYPE.json)")
@@ -495,7 +499,7 @@ def main() -> None:
     opts = {"preset": a.preset, "dtype": a.dtype, "batch_size": a.batch_size or train.get("batch_size", 8),
             "seq_len": a.seq_len or train.get("seq_len", 256), "steps": a.steps, "rounds": a.rounds,
             "warmup": a.warmup, "prompt_len": a.prompt_len, "decode_tokens": a.decode_tokens,
-            "skip_peer": a.skip_peer, "peer_cpu_jit": a.peer_cpu_jit}
+            "skip_peer": a.skip_peer, "peer_cpu_jit": a.peer_cpu_jit, "cpu_streams": a.cpu_streams}
     report = run(opts, log=lambda m: print(m, file=sys.stderr, flush=True))
     path = Path(a.json or f"bench-{a.preset}-{a.dtype}.json")
     path.write_text(json.dumps(report, indent=1) + "\n")

@@ -8,7 +8,8 @@ memory above what was allocated before:
 * Causal attention, forward + backward: one fused call vs query blocks.
 * Output head + loss, forward + backward: MLX's cross-entropy on the logits, ours with
   one exp pass, and the head fused with it chunk by chunk.
-* The whole training step (`Trainer.train_step`): plain vs activation checkpointing.
+* The whole training step (`Trainer.train_step`): on one stream, on the default CPU streams
+  (`cpu_streams.py`), and with activation checkpointing.
 * Decoding one token at a time: the model called eagerly, the compiled `DecodeStep`,
   and the NumPy matrix-vector step (`cpu_decode.NumpyDecodeStep`).
 
@@ -121,8 +122,10 @@ def training_step(args, preset: str, B: int, L: int, repeats: int) -> dict:
     ids = rng.integers(0, args.vocab_size, size=(B, L + 1), dtype=np.int32)
     batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "mask": np.ones((B, L), np.float32)}
     variants = {}
-    for name, checkpointing in (("plain", False), ("activation checkpointing", True)):
-        cfg = TrainConfig(preset=preset, batch_size=B, seq_len=L, grad_checkpoint=checkpointing, lr=1e-4, min_lr=1e-4)
+    for name, checkpointing, streams in (("one stream", False, 1), ("default streams", False, None),
+                                          ("activation checkpointing", True, None)):
+        cfg = TrainConfig(preset=preset, batch_size=B, seq_len=L, grad_checkpoint=checkpointing, cpu_streams=streams,
+                          lr=1e-4, min_lr=1e-4)
         trainer = Trainer(init_weights(Model(args), seed=0), cfg)
 
         def step(trainer=trainer):

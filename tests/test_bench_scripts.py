@@ -41,5 +41,9 @@ def test_mlx_lm_runs_stock_kernels_from_a_cache_of_its_own(tmp_path, monkeypatch
     assert bench.worker_env(bench.OURS, stock, tmp_path) == {}
     peer = bench.worker_env(bench.MLX_LM, stock, tmp_path)
     assert peer["MIXTRAL_MLX_CPU_JIT"] == "0" and os.path.isdir(peer["TMPDIR"])
+    from mixtral_mlx import cpu_streams
+
+    if cpu_streams.widened:  # and MLX's own evaluation order: the width ours was given is unset for it
+        assert peer[cpu_streams.WIDTH_VAR] is None and peer[cpu_streams.ENV_VAR] == "mlx"
     peer_with_flags = bench.worker_env(bench.MLX_LM, same_flags, tmp_path)
     assert "MIXTRAL_MLX_CPU_JIT" not in peer_with_flags and peer_with_flags["TMPDIR"] != peer["TMPDIR"]
