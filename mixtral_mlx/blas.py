@@ -45,7 +45,7 @@ def preload() -> str:
     elif setting.lower() in ("0", "off", "false", "no"):
         status = f"MLX's bundled reference BLAS ({ENV_VAR}={setting})"
     elif (lib := _already_preloaded()) is not None:
-        status = f"OpenBLAS via LD_PRELOAD ({lib})"
+        status = f"OpenBLAS via LD_PRELOAD ({lib}{_kernel(lib)})"
         _remember(lib)
     elif "mlx.core" in sys.modules:
         status = "MLX's bundled reference BLAS (mlx was imported before mixtral_mlx)"

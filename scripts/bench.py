@@ -25,7 +25,8 @@ Every worker imports mixtral_mlx before mlx, so mlx-lm's matmuls use the same Op
 as ours (MLX's bundled reference BLAS is ~37x slower); torch brings its own BLAS. mlx-lm
 runs MLX's fused kernels as MLX builds them by default; ours are built for this CPU
 (cpu_jit.py); `--peer-cpu-jit` gives mlx-lm the same flags. mlx-lm keeps MLX's kernel
-cache (TMPDIR) apart, one per set of flags, so it never loads a kernel built with ours.
+cache (TMPDIR) apart, one per set of flags, so it never loads a kernel built with ours,
+and MLX's own evaluation order (ours is widened for its CPU streams, cpu_streams.py).
 
 Memory is the peak of MLX's allocator for the MLX frameworks (weights, gradients,
 optimizer state and activations) and, for transformers, torch's CUDA allocator peak on a
@@ -316,7 +317,10 @@ def versions() -> dict[str, str]:
 def machine() -> dict:
     return {"system": f"{platform.system()} {platform.release()}", "machine": platform.machine(),
             "processor": _cpu_name(), "cpus": os.cpu_count(),
-            "load_average": [round(x, 2) for x in os.getloadavg()]}  # other work sharing the machine
+            "load_average": [round(x, 2) for x in os.getloadavg()],  # other work sharing the machine
+            # what tunes the libraries underneath (OPENBLAS_CORETYPE=Haswell halved the matmul rate here)
+            "environment": {k: v for k, v in sorted(os.environ.items())
+                            if k.startswith(("OPENBLAS_", "OMP_", "MKL_", "MLX_", "MIXTRAL_MLX_"))}}
 
 
 def _cpu_name() -> str:
