@@ -5,6 +5,9 @@ OpenBLAS for float32 matmuls on a 2-core x86 machine (4 vs ~160 GFLOP/s). Loadin
 OpenBLAS with RTLD_GLOBAL *before* MLX is imported makes the dynamic linker resolve
 MLX's `cblas_*` calls to it, the same effect as `LD_PRELOAD` without restarting.
 
+`set_threads` changes how many threads OpenBLAS gives one matmul (the trainer's CPU
+streams give each shard its share of the cores, cpu_streams.py).
+
 Switch it off with `MIXTRAL_MLX_OPENBLAS=0`, or point it at another library with
 `MIXTRAL_MLX_OPENBLAS=/path/to/libopenblas.so`. Nothing happens on macOS (MLX uses
 Accelerate there) or when no OpenBLAS is installed (Debian: `libopenblas0-pthread`).

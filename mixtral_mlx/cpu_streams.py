@@ -2,13 +2,13 @@
 
 On a CPU, MLX runs every operation on its stream's one thread. Matmuls spread over the
 cores through the BLAS, but nothing else does: softmax, the MoE's sorting, gathers and
-scatters and the norms each use one core while the others wait. So the
-trainer splits each micro-batch's rows into shards and computes each shard's loss and
-gradients on a stream of its own, all at once, then sums the gradients, as
-data-parallel processes would. Two settings let the shards overlap:
+scatters and the norms each use one core while the others wait. So the trainer splits
+each micro-batch's rows into shards and computes each shard's loss and gradients on a
+stream of its own, all at once, then sums the gradients, as data-parallel processes
+would. Two settings let the shards overlap:
 
-* OpenBLAS gives each matmul one thread per shard's share of the cores
-  (`blas_threads`), so the shards' matmuls do not fight over the same cores.
+* While the shards run, OpenBLAS gives each matmul cores / shards threads (one, on two
+  cores: `blas_threads`), so the shards' matmuls do not fight over the same cores.
 * MLX orders what one evaluation runs breadth-first, at most `MLX_BFS_MAX_WIDTH` arrays
   wide (20 by default). At 20 one shard's operations are queued far ahead of the
   other's, and the other stream sits idle; at 200 they interleave. MLX reads the
