@@ -13,7 +13,6 @@ master weights are cast into the model.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -199,9 +198,10 @@ class Trainer:
         self.group = mx.distributed.init()
         self.world, self.rank = self.group.size(), self.group.rank()
         # Shards of each micro-batch run at once on CPU streams of their own (cpu_streams.py),
-        # each with its own compiled step, traced on its stream.
+        # each with its own compiled step, traced on its stream; one shard runs on the default.
         self.shards = cfg.cpu_streams or default_shards(self.world)
-        self._streams = [mx.new_stream(mx.cpu) for _ in range(self.shards)] if self.shards > 1 else [None]
+        self._streams = ([mx.new_stream(mx.cpu) for _ in range(self.shards)] if self.shards > 1
+                         else [mx.default_stream(mx.default_device())])
         self._grad_fns = [self._compile_grad() for _ in self._streams]
         self._update_fn = self._compile_update()
 
@@ -243,7 +243,7 @@ class Trainer:
             raise UserError("another process of this data-parallel run failed; stopping all")
         if n_tokens == 0:
             raise UserError("a batch has no tokens to learn from (all masked)", field="data")
-        sharded = [split_rows(batch, len(self._grad_fns)) for batch in micro_batches]
+        sharded = [split_rows(batch, self.shards) for batch in micro_batches]
         k = sum(len(shards) for shards in sharded) * self.world  # the router losses average over shards
         # Randomness inside the step (router jitter, dropout) comes from a key derived from
         # (seed, step, rank), so a resumed run draws exactly what the uninterrupted run drew.
@@ -251,10 +251,10 @@ class Trainer:
         n, n_micro = mx.array(n_tokens, dtype=mx.float32), mx.array(k, dtype=mx.float32)
         grads, totals = None, mx.zeros(3)
         counts = 0
-        with blas_threads(len(self._grad_fns)):
+        with blas_threads(self.shards):
             for shards in sharded:
                 for stream, grad_fn, shard in zip(self._streams, self._grad_fns, shards):
-                    with mx.stream(stream) if stream is not None else contextlib.nullcontext():
+                    with mx.stream(stream):
                         (ce_sum, a, zz, c), g = grad_fn({key: mx.array(v) for key, v in shard.items()}, n, n_micro)
                     grads = g if grads is None else tree_map(mx.add, grads, g)
                     totals = totals + mx.stack([ce_sum, a, zz])
