@@ -1,7 +1,7 @@
 """Write pretrain_data/: short generated stories, one {"text": ...} per line.
 
     python scripts/make_pretrain_data.py [--out pretrain_data] [--seed 0] [--train N] [--val N] [--test N]
-                                         [--all-questions]
+                                         [--all-questions] [--drills N]
 
 Deterministic: the same seed and counts give the same bytes. Story i of a split depends
 only on (seed, split, i), so asking for more stories extends the files without changing
@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from stories import write_story
+from stories import reading_drills, write_story
 
 DEFAULT_COUNTS = {"train": 3000, "val": 150, "test": 150}
 # Every story ends with 4 to 6 questions about it and their answers: what teaches a model
@@ -25,14 +25,22 @@ ASKED = (4, 6)
 # --all-questions: every question a story answers (12 to 20), in random order; the same
 # stories, 4.8 MB in all.
 ALL_ASKED = (99, 99)
+# After each training story, this many reading drills: a passage of one to five of its
+# sentences and one question about it (stories.reading_drills).
+DRILLS = 0
 
 
 def make(out: Path, seed: int = 0, counts: dict[str, int] = DEFAULT_COUNTS,
-         asked: tuple[int, int] = ASKED) -> dict[str, int]:
+         asked: tuple[int, int] = ASKED, drills: int = DRILLS) -> dict[str, int]:
     out.mkdir(parents=True, exist_ok=True)
     sizes = {}
     for split, n in counts.items():
-        lines = [json.dumps({"text": write_story(f"{seed}:pretrain:{split}:{i}", quiz=QUIZ, asked=asked).text}) for i in range(n)]
+        lines = []
+        for i in range(n):
+            story = write_story(f"{seed}:pretrain:{split}:{i}", quiz=QUIZ, asked=asked)
+            lines.append(json.dumps({"text": story.text}))
+            if split == "train":  # val and test hold whole stories only, comparable across versions
+                lines += [json.dumps({"text": d}) for d in reading_drills(story, f"{seed}:drill:{i}", drills)]
         data = "".join(line + "\n" for line in lines).encode()
         (out / f"{split}.jsonl").write_bytes(data)
         sizes[split] = len(data)
@@ -47,11 +55,14 @@ def main() -> None:
         p.add_argument(f"--{split}", type=int, default=n, help=f"stories in {split}.jsonl (default {n})")
     p.add_argument("--all-questions", action="store_true",
                    help="end each story with every question it answers instead of 4 to 6 of them")
+    p.add_argument("--drills", type=int, default=DRILLS,
+                   help=f"reading drills after each training story (default {DRILLS})")
     args = p.parse_args()
     sizes = make(args.out, args.seed, {s: getattr(args, s) for s in DEFAULT_COUNTS},
-                 ALL_ASKED if args.all_questions else ASKED)
+                 ALL_ASKED if args.all_questions else ASKED, args.drills)
     for split, size in sizes.items():
-        print(f"{args.out / split}.jsonl: {getattr(args, split):,} stories, {size / 1e6:.2f} MB")
+        drills = f" and {getattr(args, split) * args.drills:,} drills" if split == "train" and args.drills else ""
+        print(f"{args.out / split}.jsonl: {getattr(args, split):,} stories{drills}, {size / 1e6:.2f} MB")
 
 
 if __name__ == "__main__":

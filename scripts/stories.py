@@ -15,6 +15,7 @@ on every machine (string seeds are hashed with SHA-512, not Python's salted hash
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 
 GIRLS = ["Lily", "Mia", "Anna", "Zoe", "Emma", "Ella", "Lucy", "Sara", "Nora", "Ruby",
@@ -63,6 +64,8 @@ TIMES = ["morning", "afternoon", "day"]
 FEELINGS = ["happy", "glad", "excited", "proud", "surprised"]
 SAY = ["said", "said", "shouted", "whispered", "laughed"]
 
+QUIZ_HEADER = "\n\nQuestions about the story:\n"  # between a story and the questions that end it
+
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
                 "ten", "eleven", "twelve"]
 
@@ -93,6 +96,8 @@ class Person:
 class Story:
     text: str
     questions: list[tuple[str, str]] = field(default_factory=list)  # (question, one-word answer)
+    sentences: list[str] = field(default_factory=list)  # the story's sentences, in order
+    evidence: list[tuple[int, ...]] = field(default_factory=list)  # per question: the sentences that answer it
 
 
 class _Writer:
@@ -102,12 +107,41 @@ class _Writer:
         self.rng = rng
         self.paragraphs: list[list[str]] = [[]]
         self.questions: list[tuple[str, str]] = []
+        self.sentences: list[str] = []
+        # The sentences said since the last question are the event the next questions ask about.
+        self.event_start, self.asking = 0, False
+        self.events: list[tuple[int, int]] = []  # per question: (first, end) sentence of its event
 
     def say(self, *sentences: str) -> None:
+        if self.asking:
+            self.event_start, self.asking = len(self.sentences), False
         self.paragraphs[-1].extend(sentences)
+        self.sentences.extend(sentences)
 
     def ask(self, question: str, answer: str) -> None:
+        self.asking = True
         self.questions.append((question, answer))
+        self.events.append((self.event_start, len(self.sentences)))
+
+    def evidence(self) -> list[tuple[int, ...]]:
+        """Per question, the sentences that state its answer.
+
+        The first sentence of the question's event holding the answer word; where the event
+        does not name it ("Ben looked under a tree and found a ball" for "Where did Ben find
+        the ball? park"), the story's first sentence that does, with the event's first.
+        """
+        def holds(i: int, word: str) -> bool:
+            return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", self.sentences[i]) is not None
+
+        found = []
+        for (_, answer), (first, end) in zip(self.questions, self.events):
+            in_event = [i for i in range(first, end) if holds(i, answer)]
+            if in_event:
+                found.append((in_event[0],))
+            else:
+                anywhere = next(i for i in range(len(self.sentences)) if holds(i, answer))
+                found.append(tuple(sorted({anywhere, first})))
+        return found
 
     def paragraph(self) -> None:
         if self.paragraphs[-1]:
@@ -269,5 +303,29 @@ def write_story(seed: str, events: tuple[int, int] = (5, 8), quiz: float = 0.0,
     text = w.text()
     if rng.random() < quiz:
         quiz_lines = rng.sample(w.questions, min(rng.randint(*asked), len(w.questions)))
-        text += "\n\nQuestions about the story:\n" + "\n".join(f"{q} {a}" for q, a in quiz_lines)
-    return Story(text, w.questions)
+        text += QUIZ_HEADER + "\n".join(f"{q} {a}" for q, a in quiz_lines)
+    return Story(text, w.questions, w.sentences, w.evidence())
+
+
+
+def reading_drills(story: Story, seed: str, n: int, context: int = 2) -> list[str]:
+    """`n` short passages cut from `story`, each followed by one question it answers.
+
+    A passage is the sentences that state the answer (`Story.evidence`) with up to
+    `context` of their neighbours, so the answer is one of a few dozen tokens back rather
+    than a few hundred. In a whole story the gradient that would teach attention to find
+    a fact is spread over every position; in a short passage it is not, and a small model
+    learns the lookup there within a hundred steps and then uses it in whole stories (see
+    pretrain_data/README.md).
+    """
+    rng = random.Random(seed)
+    drills = []
+    for k in rng.sample(range(len(story.questions)), min(n, len(story.questions))):
+        question, answer = story.questions[k]
+        first, last = story.evidence[k][0], story.evidence[k][-1]
+        extra = rng.randint(0, context)
+        before = rng.randint(0, extra)
+        around = set(range(max(0, first - before), first)) | set(range(last + 1, last + 1 + extra - before))
+        chosen = sorted(around.intersection(range(len(story.sentences))) | set(story.evidence[k]))
+        drills.append(" ".join(story.sentences[i] for i in chosen) + QUIZ_HEADER + f"{question} {answer}")
+    return drills

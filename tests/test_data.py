@@ -5,6 +5,7 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -473,6 +474,17 @@ def _load_script(name: str):
         sys.path.remove(str(ROOT / "scripts"))
 
 
+def _stories():
+    """scripts/stories.py, imported as the generators import it."""
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        return importlib.import_module("stories")
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+
+
 def test_embedded_data_validates_and_fits_the_budget():
     total = 0
     for name, fmt, minimum in (("pretrain_data", "text", 100), ("finetune_data", "completion", 200)):
@@ -502,14 +514,83 @@ def test_pretrain_all_questions_keeps_the_stories_and_asks_each_question_once(tm
     """`--all-questions`: the embedded stories word for word, each followed by every question it
     answers (a superset of the embedded 4 to 6), each once."""
     script = _load_script("make_pretrain_data")
-    script.make(tmp_path, counts={"train": 30}, asked=script.ALL_ASKED)
+    script.make(tmp_path, counts={"train": 30}, asked=script.ALL_ASKED, drills=0)
     header = "\n\nQuestions about the story:\n"
-    for every, some in zip(read_split(tmp_path, "train"), read_split(ROOT / "pretrain_data", "train")[:30]):
+    embedded_stories = read_split(ROOT / "pretrain_data", "train")[::1 + script.DRILLS][:30]
+    for every, some in zip(read_split(tmp_path, "train"), embedded_stories):
         story, asked = every.text.split(header)
         embedded_story, embedded_asked = some.text.split(header)
         lines = asked.split("\n")
         assert story == embedded_story and 12 <= len(lines) == len(set(lines)) <= 20
         assert set(embedded_asked.split("\n")) <= set(lines)
+
+
+def test_every_question_has_evidence_that_states_its_answer():
+    """`Story.evidence` names, per question, sentences of the story holding the answer word: the
+    first such sentence of the event asked about, or (when the event does not name it) the
+    story's first sentence that does, with the event's first sentence."""
+    stories = _stories()
+    kinds = set()
+    for i in range(200):
+        story = stories.write_story(f"evidence:{i}")
+        assert " ".join(story.sentences) == story.text.replace("\n\n", " ")
+        assert len(story.evidence) == len(story.questions)
+        for (question, answer), evidence in zip(story.questions, story.evidence):
+            assert list(evidence) == sorted(set(evidence)) and 1 <= len(evidence) <= 2
+            assert any(re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", story.sentences[j]) for j in evidence), question
+            kinds.add((" ".join(question.split()[:2]), len(evidence)))
+    assert ("Where did", 2) in kinds  # "Ben went to the park. ... Ben looked under a tree and found a ball."
+    assert ("How did", 1) in kinds and ("How did", 2) not in kinds  # feelings: their own sentence
+
+
+def test_reading_drills_are_short_passages_of_the_story_with_one_of_its_questions():
+    stories = _stories()
+    story = stories.write_story("drills:0")
+    drills = stories.reading_drills(story, "drills:0", n=len(story.questions), context=2)
+    assert drills == stories.reading_drills(story, "drills:0", n=len(story.questions), context=2)  # seeded
+    asked = set()
+    for drill in drills:
+        passage, line = drill.split(stories.QUIZ_HEADER)
+        question, answer = line.rsplit(" ", 1)
+        k = story.questions.index((question, answer))
+        asked.add(k)
+        # whole sentences of the story, in its order: the evidence and at most two neighbours
+        positions = [story.sentences.index(s) for s in _sentences_of(passage, story.sentences)]
+        assert positions == sorted(positions) and set(story.evidence[k]) <= set(positions)
+        assert len(positions) <= len(story.evidence[k]) + 2
+    assert asked == set(range(len(story.questions)))  # n questions drawn without repeats
+    assert stories.reading_drills(story, "drills:0", n=3, context=0) != []
+    for drill in stories.reading_drills(story, "drills:1", n=len(story.questions), context=0):
+        passage, line = drill.split(stories.QUIZ_HEADER)
+        k = story.questions.index(tuple(line.rsplit(" ", 1)))
+        assert passage == " ".join(story.sentences[j] for j in story.evidence[k])
+
+
+def _sentences_of(passage: str, sentences: list[str]) -> list[str]:
+    """`passage` split back into the story sentences it was joined from (longest match first)."""
+    found = []
+    while passage:
+        match = max((s for s in sentences if passage.startswith(s)), key=len)
+        found.append(match)
+        passage = passage[len(match):].removeprefix(" ")
+    return found
+
+
+def test_pretrain_drills_follow_their_story_in_train_only(tmp_path):
+    """Each training story is followed by its drills (passages of it, each with one of its
+    questions); val and test hold the same whole stories as without drills."""
+    script, stories = _load_script("make_pretrain_data"), _stories()
+    script.make(tmp_path / "drills", counts={"train": 20, "val": 5}, drills=2)
+    script.make(tmp_path / "none", counts={"train": 20, "val": 5}, drills=0)
+    train = [e.text for e in read_split(tmp_path / "drills", "train")]
+    assert train[::3] == [e.text for e in read_split(tmp_path / "none", "train")]
+    assert [e.text for e in read_split(tmp_path / "drills", "val")] == [e.text for e in read_split(tmp_path / "none", "val")]
+    for i in range(20):
+        story = stories.write_story(f"0:pretrain:train:{i}")
+        for drill in train[3 * i + 1 : 3 * i + 3]:
+            passage, line = drill.split(stories.QUIZ_HEADER)
+            assert tuple(line.rsplit(" ", 1)) in story.questions
+            assert _sentences_of(passage, story.sentences)
 
 
 def test_finetune_chat_format_carries_the_same_examples(tmp_path):
