@@ -101,12 +101,15 @@ class Model(nn.Module):
         return sum(v.size for _, v in tree_flatten(self.parameters()))
 
 
-def init_weights(model: Model, seed: int | None = None) -> Model:
+def init_weights(model: Model, seed: int | None = None, qk_std: float | None = None) -> Model:
     """Initialise for training from scratch, as transformers does (normal, std 0.02).
 
     The projections that write into the residual stream (o_proj, w2) are scaled down
     by 1/sqrt(2 * layers), GPT-2 style, so the residual's variance does not grow with
-    depth; norms start at one.
+    depth; norms start at one. `qk_std` draws q_proj and k_proj with another std: at
+    0.02 a small model's attention starts uniform, and the gradient that would make a
+    query pick out one key out of dozens is as weak as the weights it goes through (see
+    docs/finetune.md: 0.1 let the small preset learn to look a fact up).
     """
     if seed is not None:
         mx.random.seed(seed)
@@ -117,6 +120,8 @@ def init_weights(model: Model, seed: int | None = None) -> Model:
         if path.endswith("norm.weight"):
             return mx.ones_like(p)
         s = residual_std if path.endswith(("o_proj.weight", "w2.weight")) else std
+        if qk_std is not None and path.endswith(("q_proj.weight", "k_proj.weight")):
+            s = qk_std
         return (mx.random.normal(p.shape) * s).astype(p.dtype)
 
     model.update(tree_map_with_path(init, model.parameters()))

@@ -245,7 +245,7 @@ def pretrain(cfg: TrainConfig, resume: str | bool | None = None, overwrite: bool
         log(f"data parallel: {world} processes x batch {cfg.batch_size} = global batch {cfg.batch_size * world}")
         batches = batches.shard(rank, world)
 
-    model = init_weights(Model(run.args), seed=cfg.seed)
+    model = init_weights(Model(run.args), seed=cfg.seed, qk_std=cfg.init_qk_std)
     trainer = Trainer(model, cfg)
     log(f"model: {model.num_parameters():,} parameters; training {cfg.iters} steps of "
         f"{cfg.batch_size * cfg.grad_accum * world} x {cfg.seq_len} tokens (global) in {cfg.dtype}")

@@ -67,6 +67,7 @@ class TrainConfig:
     save_every: int = 200
     keep: int = 3
     seed: int = 0
+    init_qk_std: float | None = None  # std of the initial q_proj/k_proj weights (None: the model's initializer_range)
     aux_loss_coef: float | None = None  # None: the model config's router_aux_loss_coef
     z_loss_coef: float = 1e-3
     log_every: int = 10
@@ -96,6 +97,8 @@ class TrainConfig:
         need(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         need(self.max_time is None or self.max_time > 0, "max_time", f"must be positive, got {self.max_time!r}")
         need(self.aux_loss_coef is None or self.aux_loss_coef >= 0, "aux_loss_coef", "must be >= 0")
+        need(self.init_qk_std is None or (isinstance(self.init_qk_std, (int, float)) and not isinstance(self.init_qk_std, bool)
+                                          and self.init_qk_std > 0), "init_qk_std", f"must be positive, got {self.init_qk_std!r}")
         need(self.cpu_streams is None or (isinstance(self.cpu_streams, int) and not isinstance(self.cpu_streams, bool)
                                           and self.cpu_streams > 0),
              "cpu_streams", f"must be a positive integer, got {self.cpu_streams!r}")

@@ -144,10 +144,30 @@ def test_bad_flags(tmp_path):
     assert_user_error(run_cli("pretrain", *TINY, "--lr", "-1", "--out", str(tmp_path / "x")), "--lr")
     assert_user_error(run_cli("pretrain", *TINY, "--seq-len", "100000", "--out", str(tmp_path / "y")), "--seq-len")
     assert_user_error(run_cli("pretrain", *TINY, "--packing", "bins", "--out", str(tmp_path / "z")), "--packing")
+    assert_user_error(run_cli("pretrain", *TINY, "--init-qk-std", "0", "--out", str(tmp_path / "w")), "--init-qk-std")
     assert not (tmp_path / "x").exists()
     bad = tmp_path / "bad.yaml"
     bad.write_text("iters: 3\nlearning_rate: 0.1\n")
     assert_user_error(run_cli("pretrain", "--config", str(bad)), "bad.yaml", "learning_rate")
+
+
+def test_init_qk_std_scales_only_the_query_and_key_projections():
+    """The same random draws as the default initialisation, q_proj and k_proj scaled to the new std."""
+    from mlx.utils import tree_flatten
+
+    from mixtral_mlx.config import load_preset
+    from mixtral_mlx.model import Model, init_weights
+
+    default = dict(tree_flatten(init_weights(Model(load_preset("tiny")), seed=0).parameters()))
+    wider = dict(tree_flatten(init_weights(Model(load_preset("tiny")), seed=0, qk_std=0.1).parameters()))
+    scaled = [name for name in default if name.endswith(("q_proj.weight", "k_proj.weight"))]
+    assert len(scaled) == 2 * load_preset("tiny").num_hidden_layers
+    for name, value in default.items():
+        if name in scaled:
+            np.testing.assert_allclose(np.array(wider[name]), np.array(value) * (0.1 / 0.02), rtol=1e-5)
+            assert float(np.array(wider[name]).std()) == pytest.approx(0.1, rel=0.1)
+        else:
+            assert np.array_equal(np.array(wider[name]), np.array(value)), name
 
 
 def test_eval_command(straight_run):

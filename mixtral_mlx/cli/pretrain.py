@@ -31,6 +31,7 @@ FLAGS = {
     "save_every": (int, "checkpoint every N steps"),
     "keep": (int, "step checkpoints to keep"),
     "seed": (int, "seed for initialisation and data order"),
+    "init_qk_std": (float, "std of the initial query and key projections (default: the model's initializer_range)"),
     "aux_loss_coef": (float, "load-balancing loss coefficient (default: the model config's)"),
     "z_loss_coef": (float, "router z-loss coefficient"),
     "tokenizer": (str, "directory with a tokenizer to use instead of training one"),
