@@ -307,16 +307,14 @@ def write_story(seed: str, events: tuple[int, int] = (5, 8), quiz: float = 0.0,
     return Story(text, w.questions, w.sentences, w.evidence())
 
 
-
 def reading_drills(story: Story, seed: str, n: int, context: int = 2) -> list[str]:
     """`n` short passages cut from `story`, each followed by one question it answers.
 
     A passage is the sentences that state the answer (`Story.evidence`) with up to
-    `context` of their neighbours, so the answer is one of a few dozen tokens back rather
-    than a few hundred. In a whole story the gradient that would teach attention to find
-    a fact is spread over every position; in a short passage it is not, and a small model
-    learns the lookup there within a hundred steps and then uses it in whole stories (see
-    pretrain_data/README.md).
+    `context` of their neighbours, so the answer is a few dozen tokens back rather than a
+    few hundred: with attention spread evenly over fewer keys, the gradient that would
+    teach a query to find the fact is less diluted. docs/finetune.md has what they did
+    (and did not) teach the small preset.
     """
     rng = random.Random(seed)
     drills = []
