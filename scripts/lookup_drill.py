@@ -1,0 +1,147 @@
+"""Can the small preset learn to look one fact up? A bare training loop on a drill.
+
+    python scripts/lookup_drill.py synthetic [--steps 1000] [--short-steps 400] [--short-share 0.25] [--qk-std 0.1]
+    python scripts/lookup_drill.py stories --tokenizer RUN/tokenizer [--kind "how did"] [--steps 300] [--qk-std 0.1]
+
+`synthetic`: random filler sentences (words w0..w299) with one "N felt F ." among them,
+then "How did N feel ? F": 45 to 70 tokens of context, five feelings. `--short-steps S`
+trains the first S steps on 0 to 1 filler sentences instead (5 to 15 tokens);
+`--short-share P` makes each document short with probability P throughout.
+`stories`: the reading drills of pretrain_data's training stories (scripts/stories.py,
+`reading_drills`), optionally of one kind of question only, tokenized with `--tokenizer`.
+
+The model is the small preset at the vocabulary's size, trained from `init_weights` with
+AdamW (bias-corrected, weight decay 0.1), 100 warmup steps, cosine decay to a tenth,
+clipping at 1, batch 8, the loss on every token; no trainer around it, so what it shows
+is the model's and the data's. Every 50 steps it prints the share of 256 held-out
+drills (always the long ones for `synthetic`) whose answer is the argmax prediction
+(its last token, given the others: "7" after "▁" in " 7").
+docs/finetune.md has the runs.
+"""
+
+from __future__ import annotations
+
+import mixtral_mlx  # noqa: F401  (OpenBLAS before mlx)
+
+import argparse
+import dataclasses
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+
+from mixtral_mlx.config import load_preset
+from mixtral_mlx.finetune import question_kind
+from mixtral_mlx.model import Model, init_weights
+from mixtral_mlx.tokenizer import load_tokenizer
+
+MAX_LEN = 96  # tokens a drill is cut to (inputs and targets: MAX_LEN + 1)
+
+
+def synthetic_drills(short: bool, rng: np.random.Generator, vocab: dict[str, int]) -> list[int]:
+    name, feeling = f"N{rng.integers(20)}", f"F{rng.integers(5)}"
+    n_filler = rng.integers(0, 2) if short else rng.integers(5, 8)
+    sentences = [[f"w{j}" for j in rng.integers(0, 300, rng.integers(5, 10))] + ["."] for _ in range(n_filler)]
+    sentences.insert(rng.integers(0, len(sentences) + 1), [name, "felt", feeling, "."])
+    words = ["<s>"] + [w for s in sentences for w in s] + ["How", "did", name, "feel", "?", feeling, "</s>"]
+    return [vocab[w] for w in words]
+
+
+def synthetic_vocab() -> dict[str, int]:
+    words = ["<pad>", "<s>", "</s>", "felt", ".", "How", "did", "feel", "?"]
+    words += [f"N{i}" for i in range(20)] + [f"F{i}" for i in range(5)] + [f"w{i}" for i in range(300)]
+    return {w: i for i, w in enumerate(words)}
+
+
+def story_drills(tokenizer, split: str, count: int, kind: str | None) -> list[list[int]]:
+    """Token ids (BOS, drill, EOS) of reading drills from pretrain_data's stories of `split`."""
+    from stories import reading_drills, write_story
+
+    drills = []
+    for i in range(count):
+        story = write_story(f"0:pretrain:{split}:{i}", quiz=1.0, asked=(4, 6))
+        for text in reading_drills(story, f"0:drill:{split}:{i}", n=len(story.questions)):
+            question = text.rsplit("\n", 1)[1].rsplit(" ", 1)[0]  # the last line, less its answer
+            if kind is None or question_kind(question) == kind:
+                drills.append([tokenizer.bos_id] + tokenizer.encode(text) + [tokenizer.eos_id])
+    return drills
+
+
+def as_batch(rows: list[list[int]]) -> tuple[mx.array, mx.array, mx.array]:
+    ids = np.zeros((len(rows), MAX_LEN + 1), np.int32)
+    mask = np.zeros((len(rows), MAX_LEN), np.float32)
+    for b, row in enumerate(rows):
+        row = row[:MAX_LEN + 1]
+        ids[b, :len(row)], mask[b, :len(row) - 1] = row, 1
+    return mx.array(ids[:, :-1]), mx.array(ids[:, 1:]), mx.array(mask)
+
+
+def answer_accuracy(model: Model, rows: list[list[int]]) -> float:
+    """Share of rows whose answer's last token (the one before EOS) is the argmax prediction."""
+    inputs, targets, _ = as_batch(rows)
+    predicted = np.array(mx.argmax(model(inputs), axis=-1))
+    at = [min(len(r), MAX_LEN + 1) - 3 for r in rows]  # predicts the answer, the token before EOS
+    return float(np.mean([predicted[b, i] == np.array(targets)[b, i] for b, i in enumerate(at)]))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("drill", choices=["synthetic", "stories"])
+    p.add_argument("--tokenizer", help="a tokenizer directory (stories)")
+    p.add_argument("--kind", help='only drills of this kind of question, e.g. "how did" (stories)')
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--qk-std", type=float, default=None, help="std of the initial q_proj/k_proj (default 0.02)")
+    p.add_argument("--short-steps", type=int, default=0, help="synthetic: the first steps on short contexts")
+    p.add_argument("--short-share", type=float, default=0.0, help="synthetic: share of short contexts throughout")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    rng = np.random.default_rng(args.seed)
+
+    if args.drill == "synthetic":
+        vocab = synthetic_vocab()
+        vocab_size = len(vocab)
+        held_out_rng = np.random.default_rng(123)
+        held_out = [synthetic_drills(False, held_out_rng, vocab) for _ in range(256)]
+
+        def next_rows(step: int) -> list[list[int]]:
+            return [synthetic_drills(step <= args.short_steps or rng.random() < args.short_share, rng, vocab)
+                    for _ in range(8)]
+    else:
+        if not args.tokenizer:
+            p.error("stories needs --tokenizer")
+        tokenizer = load_tokenizer(args.tokenizer)
+        vocab_size = tokenizer.vocab_size
+        train = story_drills(tokenizer, "train", 3000, args.kind)
+        held_out = story_drills(tokenizer, "val", 150, args.kind)[:256]
+        print(f"{len(train):,} training drills, {len(held_out)} held out")
+
+        def next_rows(step: int) -> list[list[int]]:
+            return [train[i] for i in rng.integers(0, len(train), 8)]
+
+    model_args = dataclasses.replace(load_preset("small"), vocab_size=vocab_size)
+    model = init_weights(Model(model_args), seed=args.seed, qk_std=args.qk_std)
+    warmup = min(100, args.steps // 2)
+    schedule = optim.join_schedules([optim.linear_schedule(0, args.lr, warmup),
+                                     optim.cosine_decay(args.lr, args.steps - warmup, args.lr / 10)], [warmup])
+    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.1, bias_correction=True)
+
+    def loss_fn(model, inputs, targets, mask):
+        return (nn.losses.cross_entropy(model(inputs), targets) * mask).sum() / mask.sum()
+
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    start = time.time()
+    for step in range(1, args.steps + 1):
+        loss, grads = loss_and_grad(model, *as_batch(next_rows(step)))
+        grads, _ = optim.clip_grad_norm(grads, 1.0)
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state, loss)
+        if step % 50 == 0 or step == args.steps:
+            print(f"step {step}: loss {loss.item():.3f}, answer right in {answer_accuracy(model, held_out):.1%} "
+                  f"of {len(held_out)} held-out drills ({time.time() - start:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""scripts/lookup_drill.py: its drills ask what their context states, and it scores the answer token."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "scripts"))  # lookup_drill imports stories as the scripts do
+spec = importlib.util.spec_from_file_location("lookup_drill", REPO / "scripts" / "lookup_drill.py")
+drill = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(drill)
+
+
+def test_a_synthetic_drill_asks_for_the_one_feeling_its_context_states():
+    vocab = drill.synthetic_vocab()
+    words = {i: w for w, i in vocab.items()}
+    rng = np.random.default_rng(0)
+    for short, (low, high) in ((True, (10, 27)), (False, (40, 88))):
+        for _ in range(50):
+            ids = drill.synthetic_drills(short, rng, vocab)
+            text = [words[i] for i in ids]
+            assert low <= len(ids) <= high and text[0] == "<s>" and text[-1] == "</s>"
+            stated = [text[i + 1] for i, w in enumerate(text[:-7]) if w == "felt"]
+            name, answer = text[-5], text[-2]
+            assert text[-7:-2] == ["How", "did", name, "feel", "?"] and stated == [answer]
+            assert text[text.index("felt") - 1] == name
+
+
+def test_story_drills_of_one_kind(sp_model):
+    import stories
+
+    from mixtral_mlx.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(sp_model.parent)
+    feelings = drill.story_drills(tokenizer, "val", 5, "how did")
+    every = drill.story_drills(tokenizer, "val", 5, None)
+    assert len(feelings) == 5 and len(every) > 10 * len(feelings)  # one feeling question a story
+    for ids in feelings:
+        assert ids[0] == tokenizer.bos_id and ids[-1] == tokenizer.eos_id
+        text = tokenizer.decode(ids[1:-1])
+        assert "How did" in text and text.split()[-1] in stories.FEELINGS
+
+
+class Oracle:
+    """Puts all its probability on the true next token of the rows it was made for."""
+
+    def __init__(self, rows):
+        self.targets = drill.as_batch(rows)[1]
+
+    def __call__(self, inputs):
+        return mx.eye(400)[self.targets] * 100
+
+
+def test_answer_accuracy_scores_the_token_before_eos():
+    vocab = drill.synthetic_vocab()
+    rows = [drill.synthetic_drills(False, np.random.default_rng(i), vocab) for i in range(8)]
+    assert drill.answer_accuracy(Oracle(rows), rows) == 1.0
+    wrong = [r[:-2] + [vocab["w0"], r[-1]] for r in rows]  # the answer replaced by a filler word
+    assert drill.answer_accuracy(Oracle(wrong), rows) == 0.0
+    assert drill.answer_accuracy(lambda x: mx.zeros((*x.shape, 400)), rows) == 0.0  # argmax: token 0, never an answer
+
+
+def test_runs_end_to_end():
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "lookup_drill.py"), "synthetic", "--steps", "2",
+                          "--qk-std", "0.1"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "step 2: loss" in out.stdout and "of 256 held-out drills" in out.stdout
