@@ -97,8 +97,9 @@ class TrainConfig:
         need(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         need(self.max_time is None or self.max_time > 0, "max_time", f"must be positive, got {self.max_time!r}")
         need(self.aux_loss_coef is None or self.aux_loss_coef >= 0, "aux_loss_coef", "must be >= 0")
-        need(self.init_qk_std is None or (isinstance(self.init_qk_std, (int, float)) and not isinstance(self.init_qk_std, bool)
-                                          and self.init_qk_std > 0), "init_qk_std", f"must be positive, got {self.init_qk_std!r}")
+        qk = self.init_qk_std
+        need(qk is None or (isinstance(qk, (int, float)) and not isinstance(qk, bool) and qk > 0),
+             "init_qk_std", f"must be positive, got {qk!r}")
         need(self.cpu_streams is None or (isinstance(self.cpu_streams, int) and not isinstance(self.cpu_streams, bool)
                                           and self.cpu_streams > 0),
              "cpu_streams", f"must be a positive integer, got {self.cpu_streams!r}")

@@ -25,7 +25,7 @@ ASKED = (4, 6)
 # --all-questions: every question a story answers (12 to 20), in random order; the same
 # stories, 4.8 MB in all.
 ALL_ASKED = (99, 99)
-# After each training story, this many reading drills: a passage of one to five of its
+# After each training story, this many reading drills: a passage of one to four of its
 # sentences and one question about it (stories.reading_drills).
 DRILLS = 0
 
