@@ -7,8 +7,9 @@
 then "How did N feel ? F": 45 to 70 tokens of context, five feelings. `--short-steps S`
 trains the first S steps on 0 to 1 filler sentences instead (5 to 15 tokens);
 `--short-share P` makes each document short with probability P throughout.
-`stories`: the reading drills of pretrain_data's training stories (scripts/stories.py,
-`reading_drills`), optionally of one kind of question only, tokenized with `--tokenizer`.
+`stories`: a reading drill (scripts/stories.py, `reading_drills`) for every question of
+each of pretrain_data's 3,000 training stories (held out: those of its val stories),
+optionally of one kind of question only, tokenized with `--tokenizer`.
 
 The model is the small preset at the vocabulary's size, trained from `init_weights` with
 AdamW (bias-corrected, weight decay 0.1), 100 warmup steps, cosine decay to a tenth,
