@@ -2,6 +2,7 @@
 
     python scripts/lookup_drill.py synthetic [--steps 1000] [--short-steps 400] [--short-share 0.25] [--qk-std 0.1]
     python scripts/lookup_drill.py stories --tokenizer RUN/tokenizer [--kind "how did"] [--steps 300] [--qk-std 0.1]
+                                   [--first-steps 200 [--first-kind "how did"]]
 
 `synthetic`: random filler sentences (words w0..w299) with one "N felt F ." among them,
 then "How did N feel ? F": 45 to 70 tokens of context, five feelings. `--short-steps S`
@@ -9,7 +10,8 @@ trains the first S steps on 0 to 1 filler sentences instead (5 to 15 tokens);
 `--short-share P` makes each document short with probability P throughout.
 `stories`: a reading drill (scripts/stories.py, `reading_drills`) for every question of
 each of pretrain_data's 3,000 training stories (held out: those of its val stories),
-optionally of one kind of question only, tokenized with `--tokenizer`.
+optionally of one kind of question only, tokenized with `--tokenizer`; `--first-steps N`
+trains the first N steps on one kind only (`--first-kind`), a curriculum.
 
 The model is the small preset at the vocabulary's size, trained from `init_weights` with
 AdamW (bias-corrected, weight decay 0.1), 100 warmup steps, cosine decay to a tenth,
@@ -97,6 +99,8 @@ def main() -> None:
     p.add_argument("--qk-std", type=float, default=None, help="std of the initial q_proj/k_proj (default 0.02)")
     p.add_argument("--short-steps", type=int, default=0, help="synthetic: the first steps on short contexts")
     p.add_argument("--short-share", type=float, default=0.0, help="synthetic: share of short contexts throughout")
+    p.add_argument("--first-kind", default="how did", help="stories: the kind the first --first-steps train on")
+    p.add_argument("--first-steps", type=int, default=0, help="stories: steps on --first-kind drills first")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     rng = np.random.default_rng(args.seed)
@@ -117,10 +121,12 @@ def main() -> None:
         vocab_size = tokenizer.vocab_size
         train = story_drills(tokenizer, "train", 3000, args.kind)
         held_out = story_drills(tokenizer, "val", 150, args.kind)[:256]
+        first = story_drills(tokenizer, "train", 3000, args.first_kind) if args.first_steps else train
         print(f"{len(train):,} training drills, {len(held_out)} held out")
 
         def next_rows(step: int) -> list[list[int]]:
-            return [train[i] for i in rng.integers(0, len(train), 8)]
+            drills = first if step <= args.first_steps else train
+            return [drills[i] for i in rng.integers(0, len(drills), 8)]
 
     model_args = dataclasses.replace(load_preset("small"), vocab_size=vocab_size)
     model = init_weights(Model(model_args), seed=args.seed, qk_std=args.qk_std)

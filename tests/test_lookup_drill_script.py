@@ -71,3 +71,11 @@ def test_runs_end_to_end():
                           "--qk-std", "0.1"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "step 2: loss" in out.stdout and "of 256 held-out drills" in out.stdout
+
+
+def test_stories_curriculum_runs_end_to_end(sp_model):
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "lookup_drill.py"), "stories", "--tokenizer",
+                          str(sp_model.parent), "--kind", "how old", "--steps", "2", "--first-steps", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "3,000 training drills, 150 held out" in out.stdout and "step 2: loss" in out.stdout
