@@ -58,8 +58,9 @@ def synthetic_vocab() -> dict[str, int]:
     return {w: i for i, w in enumerate(words)}
 
 
-def story_drills(tokenizer, split: str, count: int, kind: str | None) -> list[list[int]]:
-    """Token ids (BOS, drill, EOS) of reading drills from pretrain_data's stories of `split`."""
+def story_drills(tokenizer, split: str, count: int) -> list[tuple[str, list[int]]]:
+    """(kind of question, token ids: BOS, drill, EOS) of a reading drill for every question
+    of pretrain_data's first `count` stories of `split`."""
     from stories import reading_drills, write_story
 
     drills = []
@@ -67,9 +68,13 @@ def story_drills(tokenizer, split: str, count: int, kind: str | None) -> list[li
         story = write_story(f"0:pretrain:{split}:{i}", quiz=1.0, asked=(4, 6))
         for text in reading_drills(story, f"0:drill:{split}:{i}", n=len(story.questions)):
             question = text.rsplit("\n", 1)[1].rsplit(" ", 1)[0]  # the last line, less its answer
-            if kind is None or question_kind(question) == kind:
-                drills.append([tokenizer.bos_id] + tokenizer.encode(text) + [tokenizer.eos_id])
+            drills.append((question_kind(question), [tokenizer.bos_id] + tokenizer.encode(text) + [tokenizer.eos_id]))
     return drills
+
+
+def of_kind(drills: list[tuple[str, list[int]]], kind: str | None) -> list[list[int]]:
+    """The token ids of the drills of one kind of question (all of them for None)."""
+    return [ids for k, ids in drills if kind is None or k == kind]
 
 
 def as_batch(rows: list[list[int]]) -> tuple[mx.array, mx.array, mx.array]:
@@ -85,8 +90,9 @@ def answer_accuracy(model: Model, rows: list[list[int]]) -> float:
     """Share of rows whose answer's last token (the one before EOS) is the argmax prediction."""
     inputs, targets, _ = as_batch(rows)
     predicted = np.array(mx.argmax(model(inputs), axis=-1))
-    at = [min(len(r), MAX_LEN + 1) - 3 for r in rows]  # predicts the answer, the token before EOS
-    return float(np.mean([predicted[b, i] == np.array(targets)[b, i] for b, i in enumerate(at)]))
+    at = np.array([min(len(r), MAX_LEN + 1) - 3 for r in rows])  # predicts the answer, the token before EOS
+    rows_index = np.arange(len(rows))
+    return float(np.mean(predicted[rows_index, at] == np.array(targets)[rows_index, at]))
 
 
 def main() -> None:
@@ -119,9 +125,9 @@ def main() -> None:
             p.error("stories needs --tokenizer")
         tokenizer = load_tokenizer(args.tokenizer)
         vocab_size = tokenizer.vocab_size
-        train = story_drills(tokenizer, "train", 3000, args.kind)
-        held_out = story_drills(tokenizer, "val", 150, args.kind)[:256]
-        first = story_drills(tokenizer, "train", 3000, args.first_kind) if args.first_steps else train
+        every_train = story_drills(tokenizer, "train", 3000)
+        train, first = of_kind(every_train, args.kind), of_kind(every_train, args.first_kind)
+        held_out = of_kind(story_drills(tokenizer, "val", 150), args.kind)[:256]
         print(f"{len(train):,} training drills, {len(held_out)} held out")
 
         def next_rows(step: int) -> list[list[int]]:

@@ -38,8 +38,8 @@ def test_story_drills_of_one_kind(sp_model):
     from mixtral_mlx.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(sp_model.parent)
-    feelings = drill.story_drills(tokenizer, "val", 5, "how did")
-    every = drill.story_drills(tokenizer, "val", 5, None)
+    drills = drill.story_drills(tokenizer, "val", 5)
+    feelings, every = drill.of_kind(drills, "how did"), drill.of_kind(drills, None)
     assert len(feelings) == 5 and len(every) > 10 * len(feelings)  # one feeling question a story
     for ids in feelings:
         assert ids[0] == tokenizer.bos_id and ids[-1] == tokenizer.eos_id
