@@ -69,7 +69,22 @@ def model_args_for(cfg: TrainConfig, vocab_size: int, tokenizer) -> ModelArgs:
     base.update(vocab_size=vocab_size, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
                 pad_token_id=tokenizer.pad_id)
     base.pop("quantization", None)
-    args = model_args_from_dict(base, source=f"preset {cfg.preset} + model settings")
+    return check_context(cfg, model_args_from_dict(base, source=f"preset {cfg.preset} + model settings"))
+
+
+def init_model_args(cfg: TrainConfig, directory: Path, tokenizer=None) -> ModelArgs:
+    """The config of the model a run starts from (`--init`), checked against the run's tokenizer."""
+    config = directory / "config.json"
+    args = ModelArgs.from_file(config)
+    if args.quantization is not None:
+        raise UserError("is a quantized model; training needs float weights", file=config, field="quantization")
+    if tokenizer is not None and tokenizer.vocab_size > args.vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's {args.vocab_size}",
+                        file=config, field="vocab_size")
+    return check_context(cfg, args)
+
+
+def check_context(cfg: TrainConfig, args: ModelArgs) -> ModelArgs:
     if cfg.seq_len > args.max_position_embeddings:
         raise UserError(f"{cfg.seq_len} is longer than the model's context "
                         f"(max_position_embeddings={args.max_position_embeddings})", field="--seq-len")
@@ -198,17 +213,30 @@ def prepare(cfg: TrainConfig, resume, overwrite: bool, rank: int, log, explicit:
         saved = ckpt.read_trainer_state(resume_from)["config"]
         cfg = resumed_config(cfg, saved, explicit or {}, resume_from / ckpt.STATE_FILE)
     tok_dir = run_dir / "tokenizer"
+    # A resumed --init run reads its model from its own checkpoint, not from --init again.
+    init_dir = (resume_from or ckpt.resolve(cfg.init)) if cfg.init else None
     if cfg.tokenizer:
         tokenizer = load_tokenizer(cfg.tokenizer)
         if tokenizer is None:
             raise UserError("holds no tokenizer.model or tokenizer.json", file=cfg.tokenizer, field="--tokenizer")
-    elif (tok_dir / "tokenizer.model").exists():
+    elif load_tokenizer(tok_dir) is not None:
         tokenizer = load_tokenizer(tok_dir)
         log(f"tokenizer: reusing {tok_dir}")
+    elif init_dir is not None:  # the model's own tokenizer, kept with the run
+        tokenizer = load_tokenizer(init_dir)
+        if tokenizer is None:
+            raise UserError("holds no tokenizer.model or tokenizer.json; name one with --tokenizer",
+                            file=init_dir, field="--init")
+        if rank == 0:
+            tok_dir.mkdir(exist_ok=True)
+            tokenizer.save(tok_dir)
     else:
         vocab = cfg.vocab_size or load_preset(cfg.preset).vocab_size
         tokenizer = train_tokenizer_on(cfg.data, vocab, tok_dir, log=log)
-    args = model_args_for(cfg, tokenizer.vocab_size, tokenizer)
+    if init_dir is not None:
+        args = init_model_args(cfg, init_dir, tokenizer)
+    else:
+        args = model_args_for(cfg, tokenizer.vocab_size, tokenizer)
     if resume_from is not None:
         check_resume_compatible(cfg, args, resume_from)
     if rank == 0:
@@ -231,8 +259,11 @@ def pretrain(cfg: TrainConfig, resume: str | bool | None = None, overwrite: bool
 
     group, log = join_processes(cfg, resume, log)
     rank, world = group.rank(), group.size()
-    if not resume:  # catch an impossible --seq-len before anything is written
-        model_args_for(cfg, load_preset(cfg.preset).vocab_size, _NoTokenizer())
+    if not resume:  # catch an impossible --seq-len or --init before anything is written
+        if cfg.init:
+            init_model_args(cfg, ckpt.resolve(cfg.init))
+        else:
+            model_args_for(cfg, load_preset(cfg.preset).vocab_size, _NoTokenizer())
     with first_process_first(group):
         run = prepare(cfg, resume, overwrite, rank, log, explicit)
     cfg, splits, tokenizer = run.cfg, run.splits, run.tokenizer
@@ -246,8 +277,11 @@ def pretrain(cfg: TrainConfig, resume: str | bool | None = None, overwrite: bool
         batches = batches.shard(rank, world)
 
     model = init_weights(Model(run.args), seed=cfg.seed, qk_std=cfg.init_qk_std)
+    if cfg.init and run.resume_from is None:  # a resumed run loads its checkpoint instead
+        init_dir = ckpt.resolve(cfg.init)
+        ckpt.load_weights_into(model, ckpt.read_weights(init_dir), init_dir)
     trainer = Trainer(model, cfg)
-    log(f"model: {model.num_parameters():,} parameters; training {cfg.iters} steps of "
+    log(f"model: {model.num_parameters():,} parameters{f' from {cfg.init}' if cfg.init else ''}; training {cfg.iters} steps of "
         f"{cfg.batch_size * cfg.grad_accum * world} x {cfg.seq_len} tokens (global) in {cfg.dtype}")
 
     def run_evaluation(split: str, max_batches: int | None) -> dict[str, float]:

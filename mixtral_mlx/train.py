@@ -68,6 +68,7 @@ class TrainConfig:
     keep: int = 3
     seed: int = 0
     init_qk_std: float | None = None  # std of the initial q_proj/k_proj weights (None: the model's initializer_range)
+    init: str | None = None  # start from this model's weights, config and tokenizer (continued pretraining)
     aux_loss_coef: float | None = None  # None: the model config's router_aux_loss_coef
     z_loss_coef: float = 1e-3
     log_every: int = 10
@@ -100,6 +101,9 @@ class TrainConfig:
         qk = self.init_qk_std
         need(qk is None or (isinstance(qk, (int, float)) and not isinstance(qk, bool) and qk > 0),
              "init_qk_std", f"must be positive, got {qk!r}")
+        need(self.init is None or not (self.model or self.vocab_size or self.init_qk_std), "init",
+             "the model, its vocabulary and its weights come from --init: drop model settings, "
+             "vocab_size and init_qk_std")
         need(self.cpu_streams is None or (isinstance(self.cpu_streams, int) and not isinstance(self.cpu_streams, bool)
                                           and self.cpu_streams > 0),
              "cpu_streams", f"must be a positive integer, got {self.cpu_streams!r}")

@@ -170,6 +170,34 @@ def test_init_qk_std_scales_only_the_query_and_key_projections():
             assert np.array_equal(np.array(wider[name]), np.array(value)), name
 
 
+def test_init_starts_from_a_saved_model(tmp_path, straight_run):
+    """--init loads the model, config and tokenizer: at a learning rate of 1e-9 the run ends
+    where the model began, and its first loss is the trained model's, not a fresh one's."""
+    start = straight_run / "final"
+    out = tmp_path / "continued"
+    r = run_cli("pretrain", "--init", str(start), "--data", str(DATA), "--batch-size", "4", "--seq-len", "64",
+                "--eval-batches", "2", "--iters", "2", "--lr", "1e-9", "--min-lr", "0", "--warmup", "0",
+                "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert f"from {start}" in r.stdout
+    assert (out / "tokenizer" / "tokenizer.model").read_bytes() == (start / "tokenizer.model").read_bytes()
+    assert json.loads((out / "final" / "config.json").read_text()) == json.loads((start / "config.json").read_text())
+    before, after = checkpoint.read_weights(start), checkpoint.read_weights(out / "final")
+    assert before.keys() == after.keys()
+    for name in before:  # float32 Adam steps of at most ~1e-9 each
+        np.testing.assert_allclose(np.array(after[name]), np.array(before[name]), atol=1e-7, err_msg=name)
+    assert train_losses(out)[0] < train_losses(straight_run)[0] - 0.5
+
+
+def test_init_refuses_model_settings_and_missing_models(tmp_path, straight_run):
+    start = str(straight_run / "final")
+    assert_user_error(run_cli("pretrain", "--init", start, "--vocab-size", "512", "--out", str(tmp_path / "a")),
+                      "--init")
+    assert_user_error(run_cli("pretrain", "--init", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b")),
+                      "nowhere")
+    assert not (tmp_path / "a").exists()
+
+
 def test_eval_command(straight_run):
     r = run_cli("eval", "--model", str(straight_run / "final"), "--data", str(DATA), "--split", "test",
                 "--seq-len", "64", "--max-batches", "2", "--json")

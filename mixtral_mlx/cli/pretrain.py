@@ -31,6 +31,8 @@ FLAGS = {
     "save_every": (int, "checkpoint every N steps"),
     "keep": (int, "step checkpoints to keep"),
     "seed": (int, "seed for initialisation and data order"),
+    "init": (str, "start from this model's weights, config and tokenizer (a directory or Hub repo): continued "
+                  "pretraining; --preset and model settings do not apply"),
     "init_qk_std": (float, "std of the initial query and key projections (default: the model's initializer_range)"),
     "aux_loss_coef": (float, "load-balancing loss coefficient (default: the model config's)"),
     "z_loss_coef": (float, "router z-loss coefficient"),
