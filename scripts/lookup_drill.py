@@ -2,7 +2,8 @@
 
     python scripts/lookup_drill.py synthetic [--steps 1000] [--short-steps 400] [--short-share 0.25] [--qk-std 0.1]
     python scripts/lookup_drill.py stories --tokenizer RUN/tokenizer [--kind "how did"] [--steps 300] [--qk-std 0.1]
-                                   [--first-steps 200 [--first-kind "how did"]]
+                                   [--first-steps 200 [--first-kind "how did"]] [--answer-loss]
+                                   [--init MODEL] [--save MODEL]
 
 `synthetic`: random filler sentences (words w0..w299) with one "N felt F ." among them,
 then "How did N feel ? F": 45 to 70 tokens of context, five feelings. `--short-steps S`
@@ -11,11 +12,13 @@ trains the first S steps on 0 to 1 filler sentences instead (5 to 15 tokens);
 `stories`: a reading drill (scripts/stories.py, `reading_drills`) for every question of
 each of pretrain_data's 3,000 training stories (held out: those of its val stories),
 optionally of one kind of question only, tokenized with `--tokenizer`; `--first-steps N`
-trains the first N steps on one kind only (`--first-kind`), a curriculum.
+trains the first N steps on one kind only (`--first-kind`), a curriculum; `--save` writes
+the trained model (with the tokenizer) for the next stage, `--init` or `pretrain --init`.
+`--answer-loss` learns the answer alone (its last token and the EOS), not the passage.
 
 The model is the small preset at the vocabulary's size, trained from `init_weights` with
 AdamW (bias-corrected, weight decay 0.1), 100 warmup steps, cosine decay to a tenth,
-clipping at 1, batch 8, the loss on every token; no trainer around it, so what it shows
+clipping at 1, batch 8, the loss on every token (default); no trainer around it, so what it shows
 is the model's and the data's. Every 50 steps it prints the share of 256 held-out
 drills (always the long ones for `synthetic`) whose answer is the argmax prediction
 (its last token, given the others: "7" after "▁" in " 7").
@@ -35,6 +38,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
+from mixtral_mlx.checkpoint import load_model, save
 from mixtral_mlx.config import load_preset
 from mixtral_mlx.finetune import question_kind
 from mixtral_mlx.model import Model, init_weights
@@ -77,12 +81,15 @@ def of_kind(drills: list[tuple[str, list[int]]], kind: str | None) -> list[list[
     return [ids for k, ids in drills if kind is None or k == kind]
 
 
-def as_batch(rows: list[list[int]]) -> tuple[mx.array, mx.array, mx.array]:
+def as_batch(rows: list[list[int]], answer_only: bool = False) -> tuple[mx.array, mx.array, mx.array]:
+    """Inputs, targets and the loss mask: every token, or (`answer_only`) the answer's last
+    token and the EOS after it."""
     ids = np.zeros((len(rows), MAX_LEN + 1), np.int32)
     mask = np.zeros((len(rows), MAX_LEN), np.float32)
     for b, row in enumerate(rows):
         row = row[:MAX_LEN + 1]
-        ids[b, :len(row)], mask[b, :len(row) - 1] = row, 1
+        ids[b, :len(row)] = row
+        mask[b, len(row) - 3 if answer_only else 0:len(row) - 1] = 1
     return mx.array(ids[:, :-1]), mx.array(ids[:, 1:]), mx.array(mask)
 
 
@@ -107,10 +114,16 @@ def main() -> None:
     p.add_argument("--short-share", type=float, default=0.0, help="synthetic: share of short contexts throughout")
     p.add_argument("--first-kind", default="how did", help="stories: the kind the first --first-steps train on")
     p.add_argument("--first-steps", type=int, default=0, help="stories: steps on --first-kind drills first")
+    p.add_argument("--init", help="stories: start from this saved model (its tokenizer must be --tokenizer's)")
+    p.add_argument("--save", help="stories: write the trained model here (a model directory, for pretrain --init)")
+    p.add_argument("--answer-loss", action="store_true",
+                   help="learn only the answer's last token and the EOS, not the passage")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     rng = np.random.default_rng(args.seed)
 
+    if args.drill == "synthetic" and (args.init or args.save):
+        p.error("--init and --save are for the stories drill")
     if args.drill == "synthetic":
         vocab = synthetic_vocab()
         vocab_size = len(vocab)
@@ -134,8 +147,14 @@ def main() -> None:
             drills = first if step <= args.first_steps else train
             return [drills[i] for i in rng.integers(0, len(drills), 8)]
 
-    model_args = dataclasses.replace(load_preset("small"), vocab_size=vocab_size)
-    model = init_weights(Model(model_args), seed=args.seed, qk_std=args.qk_std)
+    if args.init:
+        model = load_model(args.init)
+        if model.args.vocab_size != vocab_size:
+            p.error(f"{args.init} has {model.args.vocab_size} tokens, the tokenizer {vocab_size}")
+        model.train()
+    else:
+        model_args = dataclasses.replace(load_preset("small"), vocab_size=vocab_size)
+        model = init_weights(Model(model_args), seed=args.seed, qk_std=args.qk_std)
     warmup = min(100, args.steps // 2)
     schedule = optim.join_schedules([optim.linear_schedule(0, args.lr, warmup),
                                      optim.cosine_decay(args.lr, args.steps - warmup, args.lr / 10)], [warmup])
@@ -147,13 +166,16 @@ def main() -> None:
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     start = time.time()
     for step in range(1, args.steps + 1):
-        loss, grads = loss_and_grad(model, *as_batch(next_rows(step)))
+        loss, grads = loss_and_grad(model, *as_batch(next_rows(step), args.answer_loss))
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         optimizer.update(model, grads)
         mx.eval(model.parameters(), optimizer.state, loss)
         if step % 50 == 0 or step == args.steps:
             print(f"step {step}: loss {loss.item():.3f}, answer right in {answer_accuracy(model, held_out):.1%} "
                   f"of {len(held_out)} held-out drills ({time.time() - start:.0f} s)", flush=True)
+    if args.save:
+        save(model, tokenizer, args.save)
+        print(f"saved: {args.save}")
 
 
 if __name__ == "__main__":

@@ -73,9 +73,25 @@ def test_runs_end_to_end():
     assert "step 2: loss" in out.stdout and "of 256 held-out drills" in out.stdout
 
 
-def test_stories_curriculum_runs_end_to_end(sp_model):
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "lookup_drill.py"), "stories", "--tokenizer",
-                          str(sp_model.parent), "--kind", "how old", "--steps", "2", "--first-steps", "1"],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert "3,000 training drills, 150 held out" in out.stdout and "step 2: loss" in out.stdout
+def test_answer_only_loss_masks_the_answers_last_token_and_eos():
+    vocab = drill.synthetic_vocab()
+    rows = [drill.synthetic_drills(False, np.random.default_rng(i), vocab) for i in range(4)]
+    _, targets, every = drill.as_batch(rows)
+    _, _, answer = drill.as_batch(rows, answer_only=True)
+    for b, row in enumerate(rows):
+        assert np.array(every[b]).sum() == len(row) - 1
+        learned = np.array(targets[b])[np.array(answer[b]) == 1].tolist()
+        assert learned == [row[-2], vocab["</s>"]]  # the feeling, then EOS
+
+
+def test_stories_curriculum_runs_end_to_end_and_continues_from_its_model(sp_model, tmp_path):
+    def run(*flags):
+        out = subprocess.run([sys.executable, str(REPO / "scripts" / "lookup_drill.py"), "stories", "--tokenizer",
+                              str(sp_model.parent), "--kind", "how old", "--steps", "2", *flags],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert "3,000 training drills, 150 held out" in out.stdout and "step 2: loss" in out.stdout
+
+    run("--first-steps", "1", "--save", str(tmp_path / "m"))
+    assert (tmp_path / "m" / "model.safetensors").exists() and (tmp_path / "m" / "tokenizer.model").exists()
+    run("--init", str(tmp_path / "m"), "--answer-loss")
