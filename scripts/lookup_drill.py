@@ -93,13 +93,17 @@ def as_batch(rows: list[list[int]], answer_only: bool = False) -> tuple[mx.array
     return mx.array(ids[:, :-1]), mx.array(ids[:, 1:]), mx.array(mask)
 
 
-def answer_accuracy(model: Model, rows: list[list[int]]) -> float:
-    """Share of rows whose answer's last token (the one before EOS) is the argmax prediction."""
+def answer_hits(model: Model, rows: list[list[int]]) -> np.ndarray:
+    """For each row, whether its answer's last token (the one before EOS) is the argmax prediction."""
     inputs, targets, _ = as_batch(rows)
     predicted = np.array(mx.argmax(model(inputs), axis=-1))
     at = np.array([min(len(r), MAX_LEN + 1) - 3 for r in rows])  # predicts the answer, the token before EOS
     rows_index = np.arange(len(rows))
-    return float(np.mean(predicted[rows_index, at] == np.array(targets)[rows_index, at]))
+    return predicted[rows_index, at] == np.array(targets)[rows_index, at]
+
+
+def answer_accuracy(model: Model, rows: list[list[int]]) -> float:
+    return float(np.mean(answer_hits(model, rows)))
 
 
 def main() -> None:
@@ -140,7 +144,9 @@ def main() -> None:
         vocab_size = tokenizer.vocab_size
         every_train = story_drills(tokenizer, "train", 3000)
         train, first = of_kind(every_train, args.kind), of_kind(every_train, args.first_kind)
-        held_out = of_kind(story_drills(tokenizer, "val", 150), args.kind)[:256]
+        held_out_drills = [(k, ids) for k, ids in story_drills(tokenizer, "val", 150)
+                           if args.kind is None or k == args.kind][:256]
+        held_out = of_kind(held_out_drills, None)
         print(f"{len(train):,} training drills, {len(held_out)} held out")
 
         def next_rows(step: int) -> list[list[int]]:
@@ -173,6 +179,11 @@ def main() -> None:
         if step % 50 == 0 or step == args.steps:
             print(f"step {step}: loss {loss.item():.3f}, answer right in {answer_accuracy(model, held_out):.1%} "
                   f"of {len(held_out)} held-out drills ({time.time() - start:.0f} s)", flush=True)
+    if args.drill == "stories" and args.kind is None:  # which kinds of question it learned
+        hits = answer_hits(model, held_out)
+        for kind in sorted({k for k, _ in held_out_drills}):
+            mine = np.array([k == kind for k, _ in held_out_drills])
+            print(f"  {kind:<12} {hits[mine].sum():>3} of {mine.sum():<3} {hits[mine].mean():7.1%}")
     if args.save:
         save(model, tokenizer, args.save)
         print(f"saved: {args.save}")
