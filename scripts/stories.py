@@ -308,7 +308,14 @@ def write_story(seed: str, events: tuple[int, int] = (5, 8), quiz: float = 0.0,
 
 
 def reading_drills(story: Story, seed: str, n: int, context: int = 2) -> list[str]:
-    """`n` short passages cut from `story`, each followed by one question it answers.
+    """`n` short passages cut from `story`, each followed by one question it answers, in
+    the pretraining format (`drill_passages`)."""
+    return [passage + QUIZ_HEADER + f"{question} {answer}"
+            for passage, question, answer in drill_passages(story, seed, n, context)]
+
+
+def drill_passages(story: Story, seed: str, n: int, context: int = 2) -> list[tuple[str, str, str]]:
+    """(passage, question, answer) for `n` of `story`'s questions, chosen at random.
 
     A passage is the sentences that state the answer (`Story.evidence`) with up to
     `context` of their neighbours, so the answer is a few dozen tokens back rather than a
@@ -325,5 +332,5 @@ def reading_drills(story: Story, seed: str, n: int, context: int = 2) -> list[st
         before = rng.randint(0, extra)
         around = set(range(max(0, first - before), first)) | set(range(last + 1, last + 1 + extra - before))
         chosen = sorted(around.intersection(range(len(story.sentences))) | set(story.evidence[k]))
-        drills.append(" ".join(story.sentences[i] for i in chosen) + QUIZ_HEADER + f"{question} {answer}")
+        drills.append((" ".join(story.sentences[i] for i in chosen), question, answer))
     return drills

@@ -618,3 +618,20 @@ def test_finetune_train_questions_all_asks_every_question_once(tmp_path):
         assert all(q.endswith("?") and "\n" not in q and a in story for q, a in turns)
     test = [e.as_messages() for e in read_split(tmp_path, "test")]
     assert test == [e.as_messages() for e in read_split(ROOT / "finetune_data", "test")[:10]]
+
+
+def test_finetune_train_drills_follow_the_examples_in_train_only(tmp_path):
+    """`--train-drills 2`: the train lines as before, then two drills a story, each a passage
+    of that story stating the answer and one of its questions; val and test do not change."""
+    script = _load_script("make_finetune_data")
+    sizes = script.make(tmp_path, counts={"train": 10, "test": 5}, train_drills=2)
+    assert sizes["train"][0] == 30 and sizes["test"][0] == 5
+    train, one = read_split(tmp_path, "train"), read_split(ROOT / "finetune_data", "train")[:10]
+    assert [(e.prompt, e.answer) for e in train[:10]] == [(e.prompt, e.answer) for e in one]
+    for i, e in enumerate(train[10:]):
+        story = script.story_of(0, "train", i // 2)
+        passage, question = e.prompt.rsplit("\n\n", 1)
+        assert (question, e.answer) in story.questions and _sentences_of(passage, story.sentences)
+        assert len(passage) < len(story.text)
+    test = [(e.prompt, e.answer) for e in read_split(tmp_path, "test")]
+    assert test == [(e.prompt, e.answer) for e in read_split(ROOT / "finetune_data", "test")[:5]]
