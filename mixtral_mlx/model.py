@@ -101,7 +101,8 @@ class Model(nn.Module):
         return sum(v.size for _, v in tree_flatten(self.parameters()))
 
 
-def init_weights(model: Model, seed: int | None = None, qk_std: float | None = None) -> Model:
+def init_weights(model: Model, seed: int | None = None, qk_std: float | None = None,
+                 head_std: float | None = None) -> Model:
     """Initialise for training from scratch, as transformers does (normal, std 0.02).
 
     The projections that write into the residual stream (o_proj, w2) are scaled down
@@ -110,7 +111,8 @@ def init_weights(model: Model, seed: int | None = None, qk_std: float | None = N
     0.02 a small model's attention starts uniform, and the gradient that would make a
     query pick out one key out of dozens is as weak as the weights it goes through (see
     docs/finetune.md: with 0.1 the small preset learned to look feelings up in short
-    reading drills, at 0.02 it did not).
+    reading drills, at 0.02 it did not). `head_std` draws the (untied) output head with
+    another std.
     """
     if seed is not None:
         mx.random.seed(seed)
@@ -123,6 +125,8 @@ def init_weights(model: Model, seed: int | None = None, qk_std: float | None = N
         s = residual_std if path.endswith(("o_proj.weight", "w2.weight")) else std
         if qk_std is not None and path.endswith(("q_proj.weight", "k_proj.weight")):
             s = qk_std
+        if head_std is not None and path == "lm_head.weight":
+            s = head_std
         return (mx.random.normal(p.shape) * s).astype(p.dtype)
 
     model.update(tree_map_with_path(init, model.parameters()))

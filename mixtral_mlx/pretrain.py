@@ -259,11 +259,12 @@ def pretrain(cfg: TrainConfig, resume: str | bool | None = None, overwrite: bool
 
     group, log = join_processes(cfg, resume, log)
     rank, world = group.rank(), group.size()
-    if not resume:  # catch an impossible --seq-len or --init before anything is written
+    if not resume:  # catch an impossible --seq-len, --init or head before anything is written
         if cfg.init:
             init_model_args(cfg, ckpt.resolve(cfg.init))
-        else:
-            model_args_for(cfg, load_preset(cfg.preset).vocab_size, _NoTokenizer())
+        elif model_args_for(cfg, load_preset(cfg.preset).vocab_size, _NoTokenizer()).tie_word_embeddings \
+                and cfg.fixed_head_std is not None:
+            raise UserError("needs an output head of its own, not one tied to the embedding", field="--fixed-head-std")
     with first_process_first(group):
         run = prepare(cfg, resume, overwrite, rank, log, explicit)
     cfg, splits, tokenizer = run.cfg, run.splits, run.tokenizer
@@ -276,7 +277,9 @@ def pretrain(cfg: TrainConfig, resume: str | bool | None = None, overwrite: bool
         log(f"data parallel: {world} processes x batch {cfg.batch_size} = global batch {cfg.batch_size * world}")
         batches = batches.shard(rank, world)
 
-    model = init_weights(Model(run.args), seed=cfg.seed, qk_std=cfg.init_qk_std)
+    model = init_weights(Model(run.args), seed=cfg.seed, qk_std=cfg.init_qk_std, head_std=cfg.fixed_head_std)
+    if cfg.fixed_head_std is not None:
+        model.lm_head.freeze()  # the trainer trains what is trainable; checkpoints keep the head
     if cfg.init and run.resume_from is None:  # a resumed run loads its checkpoint instead
         init_dir = ckpt.resolve(cfg.init)
         ckpt.load_weights_into(model, ckpt.read_weights(init_dir), init_dir)

@@ -68,6 +68,10 @@ class TrainConfig:
     keep: int = 3
     seed: int = 0
     init_qk_std: float | None = None  # std of the initial q_proj/k_proj weights (None: the model's initializer_range)
+    # Draw the output head with this std and never train it (None: trained, as usual). A
+    # trained head gives the words of a class (colours, feelings) near-identical output
+    # vectors; a fixed random one keeps every word's direction its own (docs/finetune.md).
+    fixed_head_std: float | None = None
     init: str | None = None  # start from this model's weights, config and tokenizer (continued pretraining)
     aux_loss_coef: float | None = None  # None: the model config's router_aux_loss_coef
     z_loss_coef: float = 1e-3
@@ -98,12 +102,13 @@ class TrainConfig:
         need(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         need(self.max_time is None or self.max_time > 0, "max_time", f"must be positive, got {self.max_time!r}")
         need(self.aux_loss_coef is None or self.aux_loss_coef >= 0, "aux_loss_coef", "must be >= 0")
-        qk = self.init_qk_std
-        need(qk is None or (isinstance(qk, (int, float)) and not isinstance(qk, bool) and qk > 0),
-             "init_qk_std", f"must be positive, got {qk!r}")
-        need(self.init is None or not (self.model or self.vocab_size or self.init_qk_std), "init",
-             "the model, its vocabulary and its weights come from --init: drop model settings, "
-             "vocab_size and init_qk_std")
+        for name in ("init_qk_std", "fixed_head_std"):
+            v = getattr(self, name)
+            need(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0),
+                 name, f"must be positive, got {v!r}")
+        need(self.init is None or not (self.model or self.vocab_size or self.init_qk_std or self.fixed_head_std),
+             "init", "the model, its vocabulary and its weights come from --init: drop model settings, "
+             "vocab_size, init_qk_std and fixed_head_std")
         need(self.cpu_streams is None or (isinstance(self.cpu_streams, int) and not isinstance(self.cpu_streams, bool)
                                           and self.cpu_streams > 0),
              "cpu_streams", f"must be a positive integer, got {self.cpu_streams!r}")

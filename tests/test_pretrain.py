@@ -198,6 +198,28 @@ def test_init_refuses_model_settings_and_missing_models(tmp_path, straight_run):
     assert not (tmp_path / "a").exists()
 
 
+def test_fixed_head_is_drawn_with_its_std_and_never_trained(tmp_path, tokenizer_dir):
+    out = tmp_path / "fixed"
+    r = run_cli("pretrain", *TINY, "--tokenizer", str(tokenizer_dir), "--iters", "3", "--fixed-head-std", "0.05",
+                "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    from mixtral_mlx.config import ModelArgs
+    from mixtral_mlx.model import Model, init_weights
+
+    trained = checkpoint.from_hf_weights(checkpoint.read_weights(out / "final"))
+    start = init_weights(Model(ModelArgs.from_file(out / "final" / "config.json")), seed=0)  # the run's draws
+    head = np.array(trained["lm_head.weight"])
+    assert float(head.std()) == pytest.approx(0.05, rel=0.05)
+    np.testing.assert_allclose(head, np.array(start.lm_head.weight) * (0.05 / 0.02), rtol=1e-5)  # never trained
+    assert not np.array_equal(np.array(trained["model.embed_tokens.weight"]),
+                              np.array(start.model.embed_tokens.weight))  # the rest trains
+    tied = tmp_path / "tied.yaml"
+    tied.write_text("model:\n  tie_word_embeddings: true\n")
+    assert_user_error(run_cli("pretrain", *TINY, "--config", str(tied), "--fixed-head-std", "0.05",
+                              "--out", str(tmp_path / "t")), "--fixed-head-std")
+    assert not (tmp_path / "t").exists()
+
+
 def test_eval_command(straight_run):
     r = run_cli("eval", "--model", str(straight_run / "final"), "--data", str(DATA), "--split", "test",
                 "--seq-len", "64", "--max-batches", "2", "--json")

@@ -34,6 +34,7 @@ FLAGS = {
     "init": (str, "start from this model's weights, config and tokenizer (a directory or Hub repo): continued "
                   "pretraining; --preset and model settings do not apply"),
     "init_qk_std": (float, "std of the initial query and key projections (default: the model's initializer_range)"),
+    "fixed_head_std": (float, "draw the output head with this std and keep it fixed, untrained (default: trained)"),
     "aux_loss_coef": (float, "load-balancing loss coefficient (default: the model config's)"),
     "z_loss_coef": (float, "router z-loss coefficient"),
     "tokenizer": (str, "directory with a tokenizer to use instead of training one"),
