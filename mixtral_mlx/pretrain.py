@@ -284,7 +284,8 @@ def pretrain(cfg: TrainConfig, resume: str | bool | None = None, overwrite: bool
         init_dir = ckpt.resolve(cfg.init)
         ckpt.load_weights_into(model, ckpt.read_weights(init_dir), init_dir)
     trainer = Trainer(model, cfg)
-    log(f"model: {model.num_parameters():,} parameters{f' from {cfg.init}' if cfg.init else ''}; training {cfg.iters} steps of "
+    source = f" from {cfg.init}" if cfg.init else ""
+    log(f"model: {model.num_parameters():,} parameters{source}; training {cfg.iters} steps of "
         f"{cfg.batch_size * cfg.grad_accum * world} x {cfg.seq_len} tokens (global) in {cfg.dtype}")
 
     def run_evaluation(split: str, max_batches: int | None) -> dict[str, float]:
