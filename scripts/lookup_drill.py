@@ -16,12 +16,13 @@ trains the first N steps on one kind only (`--first-kind`), a curriculum; `--sav
 the trained model (with the tokenizer) for the next stage, `--init` or `pretrain --init`.
 `--answer-loss` learns the answer alone (its last token and the EOS), not the passage.
 
-The model is the small preset at the vocabulary's size, trained from `init_weights` with
-AdamW (bias-corrected, weight decay 0.1), 100 warmup steps, cosine decay to a tenth,
-clipping at 1, batch 8, the loss on every token (default); no trainer around it, so what it shows
-is the model's and the data's. Every 50 steps it prints the share of 256 held-out
-drills (always the long ones for `synthetic`) whose answer is the argmax prediction
-(its last token, given the others: "7" after "▁" in " 7").
+The model is the small preset at the vocabulary's size, trained from `init_weights` (or
+`--init`) with AdamW (bias-corrected, weight decay 0.1), 100 warmup steps, cosine decay
+to a tenth, clipping at 1, batch 8, the loss on every token unless `--answer-loss`; no
+trainer around it, so what it shows is the model's and the data's. Every 50 steps it
+prints the share of 256 held-out drills (always the long ones for `synthetic`) whose
+answer is the argmax prediction (its last token, given the others: "7" after "▁" in
+" 7"), and at the end of a `stories` run of every kind, that share by kind.
 docs/finetune.md has the runs.
 """
 
