@@ -219,8 +219,7 @@ def prepare(cfg: TrainConfig, resume, overwrite: bool, rank: int, log, explicit:
         tokenizer = load_tokenizer(cfg.tokenizer)
         if tokenizer is None:
             raise UserError("holds no tokenizer.model or tokenizer.json", file=cfg.tokenizer, field="--tokenizer")
-    elif load_tokenizer(tok_dir) is not None:
-        tokenizer = load_tokenizer(tok_dir)
+    elif (tokenizer := load_tokenizer(tok_dir)) is not None:
         log(f"tokenizer: reusing {tok_dir}")
     elif init_dir is not None:  # the model's own tokenizer, kept with the run
         tokenizer = load_tokenizer(init_dir)
@@ -262,9 +261,11 @@ def pretrain(cfg: TrainConfig, resume: str | bool | None = None, overwrite: bool
     if not resume:  # catch an impossible --seq-len, --init or head before anything is written
         if cfg.init:
             init_model_args(cfg, ckpt.resolve(cfg.init))
-        elif model_args_for(cfg, load_preset(cfg.preset).vocab_size, _NoTokenizer()).tie_word_embeddings \
-                and cfg.fixed_head_std is not None:
-            raise UserError("needs an output head of its own, not one tied to the embedding", field="--fixed-head-std")
+        else:
+            args = model_args_for(cfg, load_preset(cfg.preset).vocab_size, _NoTokenizer())
+            if cfg.fixed_head_std is not None and args.tie_word_embeddings:
+                raise UserError("needs an output head of its own, not one tied to the embedding",
+                                field="--fixed-head-std")
     with first_process_first(group):
         run = prepare(cfg, resume, overwrite, rank, log, explicit)
     cfg, splits, tokenizer = run.cfg, run.splits, run.tokenizer

@@ -66,14 +66,14 @@ def synthetic_vocab() -> dict[str, int]:
 def story_drills(tokenizer, split: str, count: int) -> list[tuple[str, list[int]]]:
     """(kind of question, token ids: BOS, drill, EOS) of a reading drill for every question
     of pretrain_data's first `count` stories of `split`."""
-    from stories import reading_drills, write_story
+    from stories import drill_passages, drill_text, write_story
 
     drills = []
     for i in range(count):
         story = write_story(f"0:pretrain:{split}:{i}", quiz=1.0, asked=(4, 6))
-        for text in reading_drills(story, f"0:drill:{split}:{i}", n=len(story.questions)):
-            question = text.rsplit("\n", 1)[1].rsplit(" ", 1)[0]  # the last line, less its answer
-            drills.append((question_kind(question), [tokenizer.bos_id] + tokenizer.encode(text) + [tokenizer.eos_id]))
+        for drill in drill_passages(story, f"0:drill:{split}:{i}", n=len(story.questions)):
+            ids = [tokenizer.bos_id] + tokenizer.encode(drill_text(*drill)) + [tokenizer.eos_id]
+            drills.append((question_kind(drill[1]), ids))
     return drills
 
 

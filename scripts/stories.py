@@ -310,8 +310,12 @@ def write_story(seed: str, events: tuple[int, int] = (5, 8), quiz: float = 0.0,
 def reading_drills(story: Story, seed: str, n: int, context: int = 2) -> list[str]:
     """`n` short passages cut from `story`, each followed by one question it answers, in
     the pretraining format (`drill_passages`)."""
-    return [passage + QUIZ_HEADER + f"{question} {answer}"
-            for passage, question, answer in drill_passages(story, seed, n, context)]
+    return [drill_text(*drill) for drill in drill_passages(story, seed, n, context)]
+
+
+def drill_text(passage: str, question: str, answer: str) -> str:
+    """A drill in the pretraining format: the passage, the quiz header, the question and answer."""
+    return passage + QUIZ_HEADER + f"{question} {answer}"
 
 
 def drill_passages(story: Story, seed: str, n: int, context: int = 2) -> list[tuple[str, str, str]]:
