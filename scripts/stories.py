@@ -111,6 +111,7 @@ class _Writer:
         # The sentences said since the last question are the event the next questions ask about.
         self.event_start, self.asking = 0, False
         self.events: list[tuple[int, int]] = []  # per question: (first, end) sentence of its event
+        self.stated_in: list[str | None] = []  # per question: the sentence that states it, where named
 
     def say(self, *sentences: str) -> None:
         if self.asking:
@@ -118,25 +119,30 @@ class _Writer:
         self.paragraphs[-1].extend(sentences)
         self.sentences.extend(sentences)
 
-    def ask(self, question: str, answer: str) -> None:
+    def ask(self, question: str, answer: str, stated_in: str | None = None) -> None:
+        """`stated_in`: the event's sentence that states the answer, where an earlier one
+        holds the same word with another meaning ("had 4 crackers" before "gave her 4 more")."""
         self.asking = True
         self.questions.append((question, answer))
         self.events.append((self.event_start, len(self.sentences)))
+        self.stated_in.append(stated_in)
 
     def evidence(self) -> list[tuple[int, ...]]:
         """Per question, the sentences that state its answer.
 
-        The first sentence of the question's event holding the answer word; where the event
-        does not name it ("Ben looked under a tree and found a ball" for "Where did Ben find
+        The sentence `ask` was told of, or else the first sentence of the question's event
+        holding the answer word; where the event does not name it ("Ben looked under a tree and found a ball" for "Where did Ben find
         the ball? park"), the story's first sentence that does, with the event's first.
         """
         def holds(i: int, word: str) -> bool:
             return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", self.sentences[i]) is not None
 
         found = []
-        for (_, answer), (first, end) in zip(self.questions, self.events):
+        for (_, answer), (first, end), stated_in in zip(self.questions, self.events, self.stated_in):
             in_event = [i for i in range(first, end) if holds(i, answer)]
-            if in_event:
+            if stated_in is not None:
+                found.append((self.sentences.index(stated_in, first, end),))
+            elif in_event:
                 found.append((in_event[0],))
             else:
                 anywhere = next(i for i in range(len(self.sentences)) if holds(i, answer))
@@ -270,10 +276,10 @@ def write_story(seed: str, events: tuple[int, int] = (5, 8), quiz: float = 0.0,
         a_text, b_text, total = _number(rng, a), _number(rng, b), _number(rng, a + b)
         giver = friend.name if friend_here else adult
         w.paragraph()
-        w.say(f"At lunch, {hero.name} had {a_text} {snack}.",
-              f"{giver} gave {hero.him} {b_text} more, so now {hero.he} had {total} {snack}.")
+        gave = f"{giver} gave {hero.him} {b_text} more, so now {hero.he} had {total} {snack}."
+        w.say(f"At lunch, {hero.name} had {a_text} {snack}.", gave)
         w.ask(f"How many {snack} did {hero.name} have in the end?", total)
-        w.ask(f"How many {snack} did {giver} give {hero.name}?", b_text)
+        w.ask(f"How many {snack} did {giver} give {hero.name}?", b_text, stated_in=gave)
 
     if "lost" in chosen:
         there = PLACES[place2]

@@ -543,6 +543,21 @@ def test_every_question_has_evidence_that_states_its_answer():
     assert ("How did", 1) in kinds and ("How did", 2) not in kinds  # feelings: their own sentence
 
 
+def test_the_evidence_of_how_many_were_given_is_the_giving_not_an_equal_count_before_it():
+    """"At lunch, Maya had 4 crackers. Ella gave her 4 more, ...": "How many crackers did Ella
+    give Maya?" is answered by the second sentence, though the first holds the same word."""
+    stories = _stories()
+    equal_counts = 0
+    for i in range(400):
+        story = stories.write_story(f"evidence:{i}")
+        for (question, answer), evidence in zip(story.questions, story.evidence):
+            if question.startswith("How many") and " give " in question:
+                stated = story.sentences[evidence[0]]
+                assert evidence == (evidence[0],) and " gave " in stated and has_word(stated, answer), question
+                equal_counts += has_word(story.sentences[evidence[0] - 1], answer)
+    assert equal_counts > 0  # the case that needs it came up
+
+
 def test_reading_drills_are_short_passages_of_the_story_with_one_of_its_questions():
     stories = _stories()
     story = stories.write_story("drills:0")
