@@ -3,6 +3,7 @@
     python scripts/lookup_drill.py synthetic [--steps 1000] [--short-steps 400] [--short-share 0.25] [--qk-std 0.1]
     python scripts/lookup_drill.py stories --tokenizer RUN/tokenizer [--kind "how did"] [--steps 300] [--qk-std 0.1]
                                    [--first-steps 200 [--first-kind "how did"]] [--answer-loss]
+                                   [--grow 150 [--order "how did,what was,..."]]
                                    [--init MODEL] [--save MODEL]
 
 `synthetic`: random filler sentences (words w0..w299) with one "N felt F ." among them,
@@ -12,7 +13,11 @@ trains the first S steps on 0 to 1 filler sentences instead (5 to 15 tokens);
 `stories`: a reading drill (scripts/stories.py, `reading_drills`) for every question of
 each of pretrain_data's 3,000 training stories (held out: those of its val stories),
 optionally of one kind of question only, tokenized with `--tokenizer`; `--first-steps N`
-trains the first N steps on one kind only (`--first-kind`), a curriculum; `--save` writes
+trains the first N steps on one kind only (`--first-kind`), a curriculum; `--grow S`
+another: one kind (`--order`, the kinds never read first) for S steps, then one more
+kind every S steps, half of each batch the newest kind and half the earlier ones, the
+learning rate held after warmup until every kind is in, then all kinds alike and the
+cosine decay for the steps left; `--save` writes
 the trained model (with the tokenizer) for the next stage, `--init` or `pretrain --init`.
 `--answer-loss` learns the answer alone (its last token and the EOS), not the passage.
 
@@ -82,6 +87,29 @@ def of_kind(drills: list[tuple[str, list[int]]], kind: str | None) -> list[list[
     return [ids for k, ids in drills if kind is None or k == kind]
 
 
+# The kinds a pretrained base does not read first (docs/finetune.md), the copies last.
+HARD_FIRST = ("how did", "what was", "how many", "how old", "what color", "what did", "where did", "what kind",
+              "who found", "who came", "who did", "who gave")
+
+
+def growing_batch(by_kind: dict[str, list[list[int]]], order: list[str], step: int, every: int,
+                  rng: np.random.Generator, size: int = 8) -> list[list[int]]:
+    """A batch of the curriculum that adds one kind of question every `every` steps, in
+    `order`: half the rows of the newest kind, the rest of the earlier ones (each kind as
+    likely), and once every kind has had its turn, every kind as likely."""
+    added = (step - 1) // every + 1
+    active = order[:added]
+    rows = []
+    for b in range(size):
+        if added > len(order) or len(active) == 1 or b >= size // 2:
+            pool = active if added > len(order) or len(active) == 1 else active[:-1]
+            kind = pool[rng.integers(len(pool))]
+        else:
+            kind = active[-1]
+        rows.append(by_kind[kind][rng.integers(len(by_kind[kind]))])
+    return rows
+
+
 def as_batch(rows: list[list[int]], answer_only: bool = False) -> tuple[mx.array, mx.array, mx.array]:
     """Inputs, targets and the loss mask: every token, or (`answer_only`) the answer's last
     token and the EOS after it."""
@@ -107,6 +135,11 @@ def answer_accuracy(model: Model, rows: list[list[int]]) -> float:
     return float(np.mean(answer_hits(model, rows)))
 
 
+def by_kind_share(hits: np.ndarray, drills: list[tuple[str, list[int]]], kind: str) -> float:
+    mine = np.array([k == kind for k, _ in drills])
+    return float(hits[mine].mean()) if mine.any() else float("nan")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("drill", choices=["synthetic", "stories"])
@@ -119,6 +152,8 @@ def main() -> None:
     p.add_argument("--short-share", type=float, default=0.0, help="synthetic: share of short contexts throughout")
     p.add_argument("--first-kind", default="how did", help="stories: the kind the first --first-steps train on")
     p.add_argument("--first-steps", type=int, default=0, help="stories: steps on --first-kind drills first")
+    p.add_argument("--grow", type=int, default=0, help="stories: add one kind of question every GROW steps")
+    p.add_argument("--order", default=",".join(HARD_FIRST), help="stories: the kinds --grow adds, in turn")
     p.add_argument("--init", help="stories: start from this saved model (its tokenizer must be --tokenizer's)")
     p.add_argument("--save", help="stories: write the trained model here (a model directory, for pretrain --init)")
     p.add_argument("--answer-loss", action="store_true",
@@ -149,8 +184,16 @@ def main() -> None:
                            if args.kind is None or k == args.kind][:256]
         held_out = of_kind(held_out_drills, None)
         print(f"{len(train):,} training drills, {len(held_out)} held out")
+        order = [k.strip() for k in args.order.split(",")]
+        by_kind = {k: of_kind(every_train, k) for k in order}
+        if args.grow and (args.kind or args.first_steps):
+            p.error("--grow makes its own order of kinds: leave out --kind and --first-steps")
+        if args.grow and not all(by_kind.values()):
+            p.error(f"--order: no drills of {[k for k, v in by_kind.items() if not v]}")
 
         def next_rows(step: int) -> list[list[int]]:
+            if args.grow:
+                return growing_batch(by_kind, order, step, args.grow, rng)
             drills = first if step <= args.first_steps else train
             return [drills[i] for i in rng.integers(0, len(drills), 8)]
 
@@ -163,8 +206,11 @@ def main() -> None:
         model_args = dataclasses.replace(load_preset("small"), vocab_size=vocab_size)
         model = init_weights(Model(model_args), seed=args.seed, qk_std=args.qk_std)
     warmup = min(100, args.steps // 2)
+    held = min(args.grow * len(order), args.steps - warmup - 1) if args.drill == "stories" and args.grow else 0
     schedule = optim.join_schedules([optim.linear_schedule(0, args.lr, warmup),
-                                     optim.cosine_decay(args.lr, args.steps - warmup, args.lr / 10)], [warmup])
+                                     optim.linear_schedule(args.lr, args.lr, max(held, 1)),
+                                     optim.cosine_decay(args.lr, args.steps - warmup - held, args.lr / 10)],
+                                    [warmup, warmup + held])
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.1, bias_correction=True)
 
     def loss_fn(model, inputs, targets, mask):
@@ -178,8 +224,12 @@ def main() -> None:
         optimizer.update(model, grads)
         mx.eval(model.parameters(), optimizer.state, loss)
         if step % 50 == 0 or step == args.steps:
-            print(f"step {step}: loss {loss.item():.3f}, answer right in {answer_accuracy(model, held_out):.1%} "
+            hits = answer_hits(model, held_out)
+            print(f"step {step}: loss {loss.item():.3f}, answer right in {hits.mean():.1%} "
                   f"of {len(held_out)} held-out drills ({time.time() - start:.0f} s)", flush=True)
+            if args.drill == "stories" and args.grow:  # the kinds added so far
+                print("  " + ", ".join(f"{kind} {by_kind_share(hits, held_out_drills, kind):.0%}"
+                                       for kind in order[:(step - 1) // args.grow + 1]), flush=True)
     if args.drill == "stories" and args.kind is None:  # which kinds of question it learned
         hits = answer_hits(model, held_out)
         for kind in sorted({k for k, _ in held_out_drills}):

@@ -95,3 +95,26 @@ def test_stories_curriculum_runs_end_to_end_and_continues_from_its_model(sp_mode
     run("--first-steps", "1", "--save", str(tmp_path / "m"))
     assert (tmp_path / "m" / "model.safetensors").exists() and (tmp_path / "m" / "tokenizer.model").exists()
     run("--init", str(tmp_path / "m"), "--answer-loss")
+
+
+def test_growing_batch_adds_one_kind_at_a_time_half_of_each_batch_the_newest():
+    by_kind = {k: [[i]] for i, k in enumerate("abc")}  # one one-token "drill" a kind: its index
+    rng = np.random.default_rng(0)
+
+    def kinds(step, size=8):
+        return [row[0] for row in drill.growing_batch(by_kind, list("abc"), step, 10, rng, size)]
+
+    assert set(kinds(1)) == set(kinds(10)) == {0}  # the first kind alone for its 10 steps
+    for step in (11, 20):
+        assert kinds(step)[:4] == [1] * 4 and set(kinds(step)[4:]) == {0}
+    seen = [k for _ in range(50) for k in kinds(25)]
+    assert seen.count(2) == len(seen) // 2 and {0, 1} <= set(seen)  # half new, the rest the earlier two
+    seen = [k for _ in range(200) for k in kinds(31)]  # every kind in: all alike
+    assert all(abs(seen.count(k) / len(seen) - 1 / 3) < 0.05 for k in range(3))
+
+
+def test_grow_refuses_a_kind_with_no_drills(sp_model):
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "lookup_drill.py"), "stories", "--tokenizer",
+                          str(sp_model.parent), "--grow", "1", "--order", "how did,why not", "--steps", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "--order: no drills of ['why not']" in out.stderr
