@@ -135,9 +135,9 @@ def answer_accuracy(model: Model, rows: list[list[int]]) -> float:
     return float(np.mean(answer_hits(model, rows)))
 
 
-def by_kind_share(hits: np.ndarray, drills: list[tuple[str, list[int]]], kind: str) -> float:
-    mine = np.array([k == kind for k, _ in drills])
-    return float(hits[mine].mean()) if mine.any() else float("nan")
+def hits_of_kind(hits: np.ndarray, drills: list[tuple[str, list[int]]], kind: str) -> np.ndarray:
+    """The entries of `hits` (one per drill) that belong to drills of `kind`."""
+    return hits[np.array([k == kind for k, _ in drills], bool)]
 
 
 def main() -> None:
@@ -228,13 +228,13 @@ def main() -> None:
             print(f"step {step}: loss {loss.item():.3f}, answer right in {hits.mean():.1%} "
                   f"of {len(held_out)} held-out drills ({time.time() - start:.0f} s)", flush=True)
             if args.drill == "stories" and args.grow:  # the kinds added so far
-                print("  " + ", ".join(f"{kind} {by_kind_share(hits, held_out_drills, kind):.0%}"
+                print("  " + ", ".join(f"{kind} {hits_of_kind(hits, held_out_drills, kind).mean():.0%}"
                                        for kind in order[:(step - 1) // args.grow + 1]), flush=True)
     if args.drill == "stories" and args.kind is None:  # which kinds of question it learned
         hits = answer_hits(model, held_out)
         for kind in sorted({k for k, _ in held_out_drills}):
-            mine = np.array([k == kind for k, _ in held_out_drills])
-            print(f"  {kind:<12} {hits[mine].sum():>3} of {mine.sum():<3} {hits[mine].mean():7.1%}")
+            mine = hits_of_kind(hits, held_out_drills, kind)
+            print(f"  {kind:<12} {mine.sum():>3} of {len(mine):<3} {mine.mean():7.1%}")
     if args.save:
         save(model, tokenizer, args.save)
         print(f"saved: {args.save}")
