@@ -179,6 +179,7 @@ class Prepared:
     tokenizer: Any
     args: ModelArgs
     splits: dict[str, Any]
+    init_from: Path | None = None  # the saved model a new --init run starts from
 
 
 # What a run saved before a setting existed ran with: its value then, not today's default.
@@ -201,7 +202,9 @@ def resumed_config(cfg: TrainConfig, saved: dict, explicit: dict[str, Any], sour
     return dataclasses.replace(TrainConfig(**saved), **{k: getattr(cfg, k) for k in RESUMABLE if k in explicit})
 
 
-def prepare(cfg: TrainConfig, resume, overwrite: bool, rank: int, log, explicit: dict[str, Any] | None = None) -> Prepared:
+def prepare(cfg: TrainConfig, resume, overwrite: bool, rank: int, log, explicit: dict[str, Any] | None = None,
+            init_from: Path | None = None) -> Prepared:
+    """`init_from`: `cfg.init` resolved to a directory, where the caller has done so."""
     from .data import load_split, tokenize_split, train_tokenizer_on
     from .tokenizer import load_tokenizer
 
@@ -213,8 +216,9 @@ def prepare(cfg: TrainConfig, resume, overwrite: bool, rank: int, log, explicit:
         saved = ckpt.read_trainer_state(resume_from)["config"]
         cfg = resumed_config(cfg, saved, explicit or {}, resume_from / ckpt.STATE_FILE)
     tok_dir = run_dir / "tokenizer"
+    init_from = None if resume_from is not None or not cfg.init else init_from or ckpt.resolve(cfg.init)
     # A resumed --init run reads its model from its own checkpoint, not from --init again.
-    init_dir = (resume_from or ckpt.resolve(cfg.init)) if cfg.init else None
+    init_dir = (resume_from or init_from) if cfg.init else None
     if cfg.tokenizer:
         tokenizer = load_tokenizer(cfg.tokenizer)
         if tokenizer is None:
@@ -245,7 +249,7 @@ def prepare(cfg: TrainConfig, resume, overwrite: bool, rank: int, log, explicit:
         splits["test"] = tokenize_split(cfg.data, "test", tokenizer, log=log)
     except UserError:
         log("no test split: evaluating on val only")
-    return Prepared(cfg, run_dir, resume_from, tokenizer, args, splits)
+    return Prepared(cfg, run_dir, resume_from, tokenizer, args, splits, init_from)
 
 
 def pretrain(cfg: TrainConfig, resume: str | bool | None = None, overwrite: bool = False, reshard: bool = False,
@@ -258,16 +262,18 @@ def pretrain(cfg: TrainConfig, resume: str | bool | None = None, overwrite: bool
 
     group, log = join_processes(cfg, resume, log)
     rank, world = group.rank(), group.size()
+    init_from = None
     if not resume:  # catch an impossible --seq-len, --init or head before anything is written
         if cfg.init:
-            init_model_args(cfg, ckpt.resolve(cfg.init))
+            init_from = ckpt.resolve(cfg.init)
+            init_model_args(cfg, init_from)
         else:
             args = model_args_for(cfg, load_preset(cfg.preset).vocab_size, _NoTokenizer())
             if cfg.fixed_head_std is not None and args.tie_word_embeddings:
                 raise UserError("needs an output head of its own, not one tied to the embedding",
                                 field="--fixed-head-std")
     with first_process_first(group):
-        run = prepare(cfg, resume, overwrite, rank, log, explicit)
+        run = prepare(cfg, resume, overwrite, rank, log, explicit, init_from)
     cfg, splits, tokenizer = run.cfg, run.splits, run.tokenizer
 
     starts = {s: split_documents(cfg, data, tokenizer) for s, data in splits.items()}
@@ -281,9 +287,8 @@ def pretrain(cfg: TrainConfig, resume: str | bool | None = None, overwrite: bool
     model = init_weights(Model(run.args), seed=cfg.seed, qk_std=cfg.init_qk_std, head_std=cfg.fixed_head_std)
     if cfg.fixed_head_std is not None:
         model.lm_head.freeze()  # the trainer trains what is trainable; checkpoints keep the head
-    if cfg.init and run.resume_from is None:  # a resumed run loads its checkpoint instead
-        init_dir = ckpt.resolve(cfg.init)
-        ckpt.load_weights_into(model, ckpt.read_weights(init_dir), init_dir)
+    if run.init_from is not None:  # a resumed run loads its checkpoint instead
+        ckpt.load_weights_into(model, ckpt.read_weights(run.init_from), run.init_from)
     trainer = Trainer(model, cfg)
     source = f" from {cfg.init}" if cfg.init else ""
     log(f"model: {model.num_parameters():,} parameters{source}; training {cfg.iters} steps of "
