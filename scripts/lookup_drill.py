@@ -98,14 +98,13 @@ def growing_batch(by_kind: dict[str, list[list[int]]], order: list[str], step: i
     `order`: half the rows of the newest kind, the rest of the earlier ones (each kind as
     likely), and once every kind has had its turn, every kind as likely."""
     added = (step - 1) // every + 1
-    active = order[:added]
+    if added == 1 or added > len(order):  # the first kind alone, or every kind alike
+        newest, others = None, order[:added]
+    else:
+        newest, others = order[added - 1], order[:added - 1]
     rows = []
     for b in range(size):
-        if added > len(order) or len(active) == 1 or b >= size // 2:
-            pool = active if added > len(order) or len(active) == 1 else active[:-1]
-            kind = pool[rng.integers(len(pool))]
-        else:
-            kind = active[-1]
+        kind = newest if newest is not None and b < size // 2 else others[rng.integers(len(others))]
         rows.append(by_kind[kind][rng.integers(len(by_kind[kind]))])
     return rows
 

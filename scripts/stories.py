@@ -131,18 +131,20 @@ class _Writer:
         """Per question, the sentences that state its answer.
 
         The sentence `ask` was told of, or else the first sentence of the question's event
-        holding the answer word; where the event does not name it ("Ben looked under a tree and found a ball" for "Where did Ben find
-        the ball? park"), the story's first sentence that does, with the event's first.
+        holding the answer word; where the event does not name it ("Ben looked under a tree
+        and found a ball" for "Where did Ben find the ball? park"), the story's first
+        sentence that does, with the event's first.
         """
         def holds(i: int, word: str) -> bool:
             return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", self.sentences[i]) is not None
 
         found = []
         for (_, answer), (first, end), stated_in in zip(self.questions, self.events, self.stated_in):
-            in_event = [i for i in range(first, end) if holds(i, answer)]
             if stated_in is not None:
-                found.append((self.sentences.index(stated_in, first, end),))
-            elif in_event:
+                in_event = [self.sentences.index(stated_in, first, end)]
+            else:
+                in_event = [i for i in range(first, end) if holds(i, answer)]
+            if in_event:
                 found.append((in_event[0],))
             else:
                 anywhere = next(i for i in range(len(self.sentences)) if holds(i, answer))
