@@ -10,15 +10,15 @@
 then "How did N feel ? F": 45 to 70 tokens of context, five feelings. `--short-steps S`
 trains the first S steps on 0 to 1 filler sentences instead (5 to 15 tokens);
 `--short-share P` makes each document short with probability P throughout.
-`stories`: a reading drill (scripts/stories.py, `reading_drills`) for every question of
+`stories`: a reading drill (scripts/stories.py, `drill_passages`) for every question of
 each of pretrain_data's 3,000 training stories (held out: those of its val stories),
 optionally of one kind of question only, tokenized with `--tokenizer`; `--first-steps N`
 trains the first N steps on one kind only (`--first-kind`), a curriculum; `--grow S`
 another: one kind (`--order`, the kinds never read first) for S steps, then one more
 kind every S steps, half of each batch the newest kind and half the earlier ones, the
 learning rate held after warmup until every kind is in, then all kinds alike and the
-cosine decay for the steps left; `--save` writes
-the trained model (with the tokenizer) for the next stage, `--init` or `pretrain --init`.
+cosine decay for the steps left; `--save` writes the trained model (with the
+tokenizer) for the next stage, `--init` or `pretrain --init`.
 `--answer-loss` learns the answer alone (its last token and the EOS), not the passage.
 
 The model is the small preset at the vocabulary's size, trained from `init_weights` (or
@@ -130,10 +130,6 @@ def answer_hits(model: Model, rows: list[list[int]]) -> np.ndarray:
     return predicted[rows_index, at] == np.array(targets)[rows_index, at]
 
 
-def answer_accuracy(model: Model, rows: list[list[int]]) -> float:
-    return float(np.mean(answer_hits(model, rows)))
-
-
 def hits_of_kind(hits: np.ndarray, drills: list[tuple[str, list[int]]], kind: str) -> np.ndarray:
     """The entries of `hits` (one per drill) that belong to drills of `kind`."""
     return hits[np.array([k == kind for k, _ in drills], bool)]
@@ -163,6 +159,8 @@ def main() -> None:
 
     if args.drill == "synthetic" and (args.init or args.save):
         p.error("--init and --save are for the stories drill")
+    if args.grow and (args.kind or args.first_steps):
+        p.error("--grow makes its own order of kinds: leave out --kind and --first-steps")
     if args.drill == "synthetic":
         vocab = synthetic_vocab()
         vocab_size = len(vocab)
@@ -183,12 +181,11 @@ def main() -> None:
                            if args.kind is None or k == args.kind][:256]
         held_out = of_kind(held_out_drills, None)
         print(f"{len(train):,} training drills, {len(held_out)} held out")
-        order = [k.strip() for k in args.order.split(",")]
-        by_kind = {k: of_kind(every_train, k) for k in order}
-        if args.grow and (args.kind or args.first_steps):
-            p.error("--grow makes its own order of kinds: leave out --kind and --first-steps")
-        if args.grow and not all(by_kind.values()):
-            p.error(f"--order: no drills of {[k for k, v in by_kind.items() if not v]}")
+        if args.grow:
+            order = [k.strip() for k in args.order.split(",")]
+            by_kind = {k: of_kind(every_train, k) for k in order}
+            if not all(by_kind.values()):
+                p.error(f"--order: no drills of {[k for k, v in by_kind.items() if not v]}")
 
         def next_rows(step: int) -> list[list[int]]:
             if args.grow:

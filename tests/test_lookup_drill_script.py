@@ -57,13 +57,13 @@ class Oracle:
         return mx.eye(400)[self.targets] * 100
 
 
-def test_answer_accuracy_scores_the_token_before_eos():
+def test_answer_hits_score_the_token_before_eos():
     vocab = drill.synthetic_vocab()
     rows = [drill.synthetic_drills(False, np.random.default_rng(i), vocab) for i in range(8)]
-    assert drill.answer_accuracy(Oracle(rows), rows) == 1.0
+    assert drill.answer_hits(Oracle(rows), rows).mean() == 1.0
     wrong = [r[:-2] + [vocab["w0"], r[-1]] for r in rows]  # the answer replaced by a filler word
-    assert drill.answer_accuracy(Oracle(wrong), rows) == 0.0
-    assert drill.answer_accuracy(lambda x: mx.zeros((*x.shape, 400)), rows) == 0.0  # argmax: token 0, never an answer
+    assert drill.answer_hits(Oracle(wrong), rows).mean() == 0.0
+    assert drill.answer_hits(lambda x: mx.zeros((*x.shape, 400)), rows).mean() == 0.0  # argmax: token 0, never an answer
 
 
 def test_runs_end_to_end():
