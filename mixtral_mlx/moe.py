@@ -153,7 +153,10 @@ class Experts(nn.Module):
 
 @mx.custom_function
 def _weighted_swiglu(gate: mx.array, up: mx.array, weight: mx.array):
-    s = mx.sigmoid(gate)
+    # Not mx.sigmoid: inside a compiled step MLX fuses 1 / (1 + exp(-x)) with its
+    # neighbours into one kernel, but leaves a sigmoid that is an output of the graph as
+    # its own CPU kernel, ~30x slower (20 ms against 0.65 for 1M elements, 2-core EPYC).
+    s = 1 / (1 + mx.exp(-gate))
     return gate * s * up * weight, s
 
 
