@@ -29,6 +29,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from .adamw import StreamAdamW
 from .cpu_decode import release as release_decoding_copies
 from .cpu_streams import blas_threads, default_shards, split_rows
 from .data import PACKINGS
@@ -199,7 +200,8 @@ class Trainer:
         model.grad_checkpoint = cfg.grad_checkpoint
         # Adam as published and as torch has it: MLX leaves out the bias correction by default,
         # which makes the first hundreds of steps 2-6x larger than the learning rate says.
-        self.optimizer = optim.AdamW(learning_rate=lr_schedule(cfg), weight_decay=cfg.weight_decay,
+        self._schedule = lr_schedule(cfg)
+        self.optimizer = optim.AdamW(learning_rate=self._schedule, weight_decay=cfg.weight_decay,
                                      bias_correction=True)
         # float32 master copy of what trains; the model holds it cast to the compute dtype
         self.master = tree_map(lambda p: p.astype(mx.float32), model.trainable_parameters())
@@ -216,7 +218,7 @@ class Trainer:
         self._streams = ([mx.new_stream(mx.cpu) for _ in range(self.shards)] if self.shards > 1
                          else [mx.default_stream(mx.default_device())])
         self._grad_fns = [self._compile_grad() for _ in self._streams]
-        self._update_fn = self._compile_update()
+        self._update_fn = self._make_update()
 
     def _cast_into_model(self):
         if self.compute_dtype == mx.float32:
@@ -237,15 +239,10 @@ class Trainer:
         state = [model.state, mx.random.state]
         return mx.compile(grad_step, inputs=state, outputs=state)
 
-    def _compile_update(self):
-        optimizer, clip = self.optimizer, self.cfg.grad_clip
-
-        def update(grads, master):
-            grads = tree_map(lambda g: g.astype(mx.float32), grads)
-            grads, norm = optim.clip_grad_norm(grads, clip) if clip > 0 else (grads, _global_norm(grads))
-            return optimizer.apply_gradients(grads, master), norm
-
-        return mx.compile(update, inputs=[optimizer.state], outputs=[optimizer.state])
+    def _make_update(self) -> StreamAdamW:
+        # The update is cut into parts too, one per stream: on one stream it was a tenth of a
+        # small-preset step with the second core idle (adamw.py).
+        return StreamAdamW(self.optimizer, self._schedule, self.cfg.grad_clip, self.master, self._streams)
 
     def train_step(self, micro_batches: list[dict[str, np.ndarray]], stop_requested: bool = False) -> StepResult:
         """One optimizer step over this process's `grad_accum` micro-batches (and its peers')."""
@@ -320,8 +317,7 @@ class Trainer:
         return dict(tree_flatten(self.optimizer.state))
 
     def load_optimizer_arrays(self, arrays: dict[str, mx.array]) -> None:
-        self.optimizer.state = tree_unflatten(list(arrays.items()))
-        self._update_fn = self._compile_update()
+        self.optimizer.state = tree_unflatten(list(arrays.items()))  # StreamAdamW reads it at each step
 
     def master_arrays(self) -> dict[str, mx.array]:
         return dict(tree_flatten(self.master))
