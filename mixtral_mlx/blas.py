@@ -48,8 +48,8 @@ def preload() -> str:
     elif setting.lower() in ("0", "off", "false", "no"):
         status = f"MLX's bundled reference BLAS ({ENV_VAR}={setting})"
     elif (lib := _already_preloaded()) is not None:
-        status = f"OpenBLAS via LD_PRELOAD ({lib}{_kernel(lib)})"
         _remember(lib)
+        status = f"OpenBLAS via LD_PRELOAD ({lib}{_kernel()})"
     elif "mlx.core" in sys.modules:
         status = "MLX's bundled reference BLAS (mlx was imported before mixtral_mlx)"
     else:
@@ -62,26 +62,23 @@ def preload() -> str:
                 except OSError as e:  # a broken library must not stop the program
                     status = f"MLX's bundled reference BLAS (loading {path} failed: {e})"
                     continue
-                status = f"OpenBLAS ({path}{_kernel(path)})"
                 _remember(path)
+                status = f"OpenBLAS ({path}{_kernel()})"
                 break
     return status
 
 
-def _kernel(path: str) -> str:
+def _kernel() -> str:
     """", core NAME" as OpenBLAS names the kernels it chose, and OPENBLAS_CORETYPE when it forces them.
 
     A machine may force older kernels (OPENBLAS_CORETYPE=Haswell on a newer CPU): matmuls
     then run at a fraction of the CPU's rate, which every figure measured there inherits.
     """
-    try:
-        get = ctypes.CDLL(path).openblas_get_corename
-        get.restype = ctypes.c_char_p
-        core = get().decode()
-    except (OSError, AttributeError):
+    name = core()
+    if name is None:
         return ""
     forced = os.environ.get("OPENBLAS_CORETYPE")
-    return f", core {core}" + (f", forced by OPENBLAS_CORETYPE={forced}" if forced else "")
+    return f", core {name}" + (f", forced by OPENBLAS_CORETYPE={forced}" if forced else "")
 
 
 def _remember(path: str) -> None:
@@ -91,6 +88,27 @@ def _remember(path: str) -> None:
         _library.openblas_get_num_threads.restype = ctypes.c_int
     except (OSError, AttributeError):
         _library = None
+
+
+def core() -> str | None:
+    """The name OpenBLAS gives the kernels it runs ("Cooperlake", "Haswell", ...), None without OpenBLAS."""
+    if _library is None:
+        return None
+    try:
+        get = _library.openblas_get_corename
+    except AttributeError:
+        return None
+    get.restype = ctypes.c_char_p
+    return get().decode()
+
+
+# OpenBLAS cores whose sgemm has small-matrix kernels (0.3.17 on): they multiply a few
+# rows without packing the other matrix first, which larger blocks would otherwise pay for.
+SMALL_MATRIX_CORES = ("skylakex", "cooperlake", "sapphirerapids")
+
+
+def has_small_matrix_kernels() -> bool:
+    return (core() or "").lower() in SMALL_MATRIX_CORES
 
 
 def threads() -> int | None:

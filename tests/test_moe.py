@@ -74,17 +74,29 @@ def test_groups_hold_each_pair_once_in_single_expert_blocks(skew):
 
 
 def test_block_size_keeps_padding_within_an_eighth_of_the_pairs():
-    assert group_block_size(2, 8) == 1  # decoding one token: no pad rows
-    assert group_block_size(63, 8) == 1
-    assert group_block_size(64, 8) == 2
-    assert group_block_size(200, 8) == 4
-    assert group_block_size(1024, 8) == 16
-    assert group_block_size(4096, 8) == 32  # the small preset's training batch: 248 pad rows at most
-    assert group_block_size(10**6, 8) == 32
+    assert group_block_size(2, 8, 32) == 1  # decoding one token: no pad rows
+    assert group_block_size(63, 8, 32) == 1
+    assert group_block_size(64, 8, 32) == 2
+    assert group_block_size(200, 8, 32) == 4
+    assert group_block_size(1024, 8, 32) == 16
+    assert group_block_size(4096, 8, 32) == 32  # the small preset's training batch: 248 pad rows at most
+    assert group_block_size(10**6, 8, 32) == 32
+    assert group_block_size(10**6, 8, 2) == 2
     for pairs in (8, 100, 1000, 5000, 20000):
         for experts in (2, 8, 64):
             b = group_block_size(pairs, experts)
             assert b == 1 or experts * (b - 1) <= pairs // 8
+
+
+def test_block_size_follows_the_blas_kernels(monkeypatch):
+    from mixtral_mlx import blas
+
+    monkeypatch.setattr(blas, "core", lambda: "Cooperlake")
+    assert group_block_size(4096, 8) == 2  # small-matrix kernels: no packing for 2 rows
+    monkeypatch.setattr(blas, "core", lambda: "Haswell")
+    assert group_block_size(4096, 8) == 32
+    monkeypatch.setattr(blas, "core", lambda: None)  # no OpenBLAS
+    assert group_block_size(4096, 8) == 32
 
 
 def test_scores_equal_softmax_then_renormalise():
