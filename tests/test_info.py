@@ -37,5 +37,5 @@ def test_mixtral_8x7b_is_46_7b_with_12_9b_active():
 def test_info_command_prints_device_blas_and_table():
     r = run_cli("info", "--preset", "small")
     assert r.returncode == 0, r.stderr
-    for needle in ("mlx ", "blas ", "experts", "total", "FLOPs per token", "bfloat16"):
+    for needle in ("mlx ", "blas ", "moe ", "experts", "total", "FLOPs per token", "bfloat16"):
         assert needle in r.stdout
