@@ -17,7 +17,7 @@ from mixtral_mlx.cache import make_cache
 from mixtral_mlx.errors import UserError
 from mixtral_mlx.generate import (GenerationConfig, PromptCache, StopStrings, StreamingDetokenizer,
                                   apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p,
-                                  generate_step, make_sampler, stream_generate)
+                                  generate_step, log_softmax, make_sampler, stream_generate)
 from mixtral_mlx.tokenizer import SentencePieceTokenizer, Tokenizer, train_tokenizer
 
 ATOL = 1e-4
@@ -488,3 +488,16 @@ def test_cli_chat_flag_encodes_the_conversation_as_fine_tuning_does(model_dir, m
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["stats"]["prompt_tokens"] == len(ids) and report["tokens"] == expected.tokens
+
+
+def test_log_softmax_equals_float64_reference_and_keeps_masked_tokens_out():
+    rng = np.random.default_rng(0)
+    logits = (rng.normal(size=(3, 8000)) * 8).astype(np.float32)
+    logits[1, :4000] = -np.inf  # masked by top-k or top-p before the log-probs are taken
+    x = logits.astype(np.float64)
+    expected = x - (x.max(-1, keepdims=True) + np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)))
+    got = np.array(log_softmax(mx.array(logits)))
+    finite = np.isfinite(expected)
+    np.testing.assert_allclose(got[finite], expected[finite], atol=2e-5)  # float32 sums of 8,000 terms
+    assert (got[~finite] == -np.inf).all()
+    np.testing.assert_allclose(np.exp(got.astype(np.float64)).sum(-1), 1, atol=1e-5)
