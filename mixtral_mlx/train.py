@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import signal
 import time
@@ -218,7 +217,9 @@ class Trainer:
         self._streams = ([mx.new_stream(mx.cpu) for _ in range(self.shards)] if self.shards > 1
                          else [mx.default_stream(mx.default_device())])
         self._grad_fns = [self._compile_grad() for _ in self._streams]
-        self._update_fn = self._make_update()
+        # The update is cut into parts too, one per stream: on one stream it took a tenth of
+        # a small-preset step with the second core idle (adamw.py).
+        self._update_fn = StreamAdamW(self.optimizer, self._schedule, cfg.grad_clip, self.master, self._streams)
 
     def _cast_into_model(self):
         if self.compute_dtype == mx.float32:
@@ -238,11 +239,6 @@ class Trainer:
         # model is an output too: value_and_grad swaps its parameters while tracing.
         state = [model.state, mx.random.state]
         return mx.compile(grad_step, inputs=state, outputs=state)
-
-    def _make_update(self) -> StreamAdamW:
-        # The update is cut into parts too, one per stream: on one stream it was a tenth of a
-        # small-preset step with the second core idle (adamw.py).
-        return StreamAdamW(self.optimizer, self._schedule, self.cfg.grad_clip, self.master, self._streams)
 
     def train_step(self, micro_batches: list[dict[str, np.ndarray]], stop_requested: bool = False) -> StepResult:
         """One optimizer step over this process's `grad_accum` micro-batches (and its peers')."""
@@ -350,10 +346,6 @@ def backward_stages(grads) -> list[list[mx.array]]:
 
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-def _global_norm(grads) -> mx.array:
-    return mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
 
 
 # ---------------------------------------------------------------------- evaluation
