@@ -1,7 +1,7 @@
 """Write pretrain_data/: short generated stories, one {"text": ...} per line.
 
     python scripts/make_pretrain_data.py [--out pretrain_data] [--seed 0] [--train N] [--val N] [--test N]
-                                         [--all-questions] [--drills N]
+                                         [--all-questions] [--drills N] [--also-alone KIND]
 
 Deterministic: the same seed and counts give the same bytes. Story i of a split depends
 only on (seed, split, i), so asking for more stories extends the files without changing
@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from stories import reading_drills, write_story
+from stories import QUIZ_HEADER, reading_drills, write_story
 
 DEFAULT_COUNTS = {"train": 3000, "val": 150, "test": 150}
 # Every story ends with 4 to 6 questions about it and their answers: what teaches a model
@@ -28,10 +28,12 @@ ALL_ASKED = (99, 99)
 # After each training story, this many reading drills: a passage of one to four of its
 # sentences and one question about it (stories.reading_drills).
 DRILLS = 0
+# --also-alone KIND: each training story a second time, followed by its one question of
+# that kind alone ("how did": its feeling), so that kind keeps a document of its own.
 
 
 def make(out: Path, seed: int = 0, counts: dict[str, int] = DEFAULT_COUNTS,
-         asked: tuple[int, int] = ASKED, drills: int = DRILLS) -> dict[str, int]:
+         asked: tuple[int, int] = ASKED, drills: int = DRILLS, also_alone: str | None = None) -> dict[str, int]:
     out.mkdir(parents=True, exist_ok=True)
     sizes = {}
     for split, n in counts.items():
@@ -41,10 +43,22 @@ def make(out: Path, seed: int = 0, counts: dict[str, int] = DEFAULT_COUNTS,
             lines.append(json.dumps({"text": story.text}))
             if split == "train":  # val and test hold whole stories only, comparable across versions
                 lines += [json.dumps({"text": d}) for d in reading_drills(story, f"{seed}:drill:{i}", drills)]
+                if also_alone:
+                    lines.append(json.dumps({"text": asked_alone(f"{seed}:pretrain:{split}:{i}", also_alone)}))
         data = "".join(line + "\n" for line in lines).encode()
         (out / f"{split}.jsonl").write_bytes(data)
         sizes[split] = len(data)
     return sizes
+
+
+def asked_alone(seed: str, kind: str) -> str:
+    """The story of `seed` without its quiz, then its question of `kind` alone and the answer."""
+    story = write_story(seed)
+    asked = [(q, a) for q, a in story.questions if " ".join(q.lower().split()[:2]) == kind.lower()]
+    if not asked:
+        raise SystemExit(f"--also-alone: story {seed} asks no {kind!r} question")
+    question, answer = asked[0]
+    return story.text + QUIZ_HEADER + f"{question} {answer}"
 
 
 def main() -> None:
@@ -57,12 +71,18 @@ def main() -> None:
                    help="end each story with every question it answers instead of 4 to 6 of them")
     p.add_argument("--drills", type=int, default=DRILLS,
                    help=f"reading drills after each training story (default {DRILLS})")
+    p.add_argument("--also-alone", metavar="KIND",
+                   help='each training story once more, followed by its KIND question alone (e.g. "how did")')
     args = p.parse_args()
     sizes = make(args.out, args.seed, {s: getattr(args, s) for s in DEFAULT_COUNTS},
-                 ALL_ASKED if args.all_questions else ASKED, args.drills)
+                 ALL_ASKED if args.all_questions else ASKED, args.drills, args.also_alone)
     for split, size in sizes.items():
-        drills = f" and {getattr(args, split) * args.drills:,} drills" if split == "train" and args.drills else ""
-        print(f"{args.out / split}.jsonl: {getattr(args, split):,} stories{drills}, {size / 1e6:.2f} MB")
+        extra = ""
+        if split == "train" and args.drills:
+            extra += f" and {getattr(args, split) * args.drills:,} drills"
+        if split == "train" and args.also_alone:
+            extra += f" and each once more asking {args.also_alone!r} alone"
+        print(f"{args.out / split}.jsonl: {getattr(args, split):,} stories{extra}, {size / 1e6:.2f} MB")
 
 
 if __name__ == "__main__":
