@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from stories import QUIZ_HEADER, reading_drills, write_story
+from stories import QUIZ_HEADER, Story, reading_drills, write_story
 
 DEFAULT_COUNTS = {"train": 3000, "val": 150, "test": 150}
 # Every story ends with 4 to 6 questions about it and their answers: what teaches a model
@@ -44,21 +44,23 @@ def make(out: Path, seed: int = 0, counts: dict[str, int] = DEFAULT_COUNTS,
             if split == "train":  # val and test hold whole stories only, comparable across versions
                 lines += [json.dumps({"text": d}) for d in reading_drills(story, f"{seed}:drill:{i}", drills)]
                 if also_alone:
-                    lines.append(json.dumps({"text": asked_alone(f"{seed}:pretrain:{split}:{i}", also_alone)}))
+                    lines.append(json.dumps({"text": asked_alone(story, also_alone, f"{seed}:pretrain:{split}:{i}")}))
         data = "".join(line + "\n" for line in lines).encode()
         (out / f"{split}.jsonl").write_bytes(data)
         sizes[split] = len(data)
     return sizes
 
 
-def asked_alone(seed: str, kind: str) -> str:
-    """The story of `seed` without its quiz, then its question of `kind` alone and the answer."""
-    story = write_story(seed)
+def asked_alone(story: Story, kind: str, seed: str) -> str:
+    """The story (`seed`'s) without its quiz, then its question of `kind` alone and the answer.
+
+    The kind is a question's first two words, as `mixtral_mlx.finetune.question_kind`
+    reads it from a prompt (not imported: this script needs no MLX)."""
     asked = [(q, a) for q, a in story.questions if " ".join(q.lower().split()[:2]) == kind.lower()]
     if not asked:
         raise SystemExit(f"--also-alone: story {seed} asks no {kind!r} question")
     question, answer = asked[0]
-    return story.text + QUIZ_HEADER + f"{question} {answer}"
+    return story.text.split(QUIZ_HEADER)[0] + QUIZ_HEADER + f"{question} {answer}"
 
 
 def main() -> None:
