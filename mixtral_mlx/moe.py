@@ -229,6 +229,13 @@ MAX_GROUP_BLOCK = 32
 SMALL_KERNEL_BLOCK = 2  # the largest block where OpenBLAS has small-matrix kernels (blas.has_small_matrix_kernels)
 
 
+def default_max_block() -> int:
+    """The largest expert block for this BLAS: 2 rows on small-matrix kernels, else 32 (see `group_block_size`)."""
+    from . import blas
+
+    return SMALL_KERNEL_BLOCK if blas.has_small_matrix_kernels() else MAX_GROUP_BLOCK
+
+
 def group_block_size(pairs: int, num_experts: int, max_block: int | None = None) -> int:
     """Rows per block: the largest power of two up to `max_block` whose pad rows stay within
     an eighth of the pairs (every block is computed, so the static bound E * (block - 1) is
@@ -245,9 +252,7 @@ def group_block_size(pairs: int, num_experts: int, max_block: int | None = None)
     16, and a small-preset training step 0.83 s against 0.86 (the two alternating).
     """
     if max_block is None:
-        from . import blas
-
-        max_block = SMALL_KERNEL_BLOCK if blas.has_small_matrix_kernels() else MAX_GROUP_BLOCK
+        max_block = default_max_block()
     block = 1
     while block < max_block and num_experts * (2 * block - 1) <= pairs // 8:
         block *= 2

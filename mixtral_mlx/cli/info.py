@@ -31,12 +31,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"streams   a training step on {f'{shards} CPU streams' if shards > 1 else 'one stream'}; "
           f"MLX's evaluation order: {cpu_streams.status}")
     if mx.default_device() == mx.cpu:
-        from ..moe import MAX_GROUP_BLOCK, SMALL_KERNEL_BLOCK
+        from ..moe import default_max_block
 
-        small = blas.has_small_matrix_kernels()
-        print(f"moe       the grouped dispatch multiplies expert blocks of up to "
-              f"{SMALL_KERNEL_BLOCK if small else MAX_GROUP_BLOCK} rows "
-              f"({'the BLAS has small-matrix kernels' if small else 'no small-matrix kernels in this BLAS'})")
+        why = "the BLAS has small-matrix kernels" if blas.has_small_matrix_kernels() else \
+            "no small-matrix kernels in this BLAS"
+        print(f"moe       the grouped dispatch multiplies expert blocks of up to {default_max_block()} rows ({why})")
     if args.model is None and args.preset is None:
         return 0
     if args.preset:
