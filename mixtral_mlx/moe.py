@@ -45,7 +45,39 @@ def resolve_dispatch(dispatch: str, num_tokens: int | None = None) -> str:
 
 def expert_matmul(x: mx.array, weight: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
     """The rows of block i of x through the (E, out, in) weight of expert indices[i] (see ExpertLinear.gather)."""
+    if sorted_indices and _weight_copy_pays(x.shape[-2], *weight.shape[-2:]):
+        return _expert_matmul_untransposed(x, weight, indices)
     return mx.gather_mm(x, weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+
+
+def _weight_copy_pays(rows: int, out_dims: int, in_dims: int) -> bool:
+    """Whether blocks of `rows` reach OpenBLAS's small-matrix kernels only through an (in, out) copy of the weight.
+
+    A (E, out, in) weight reaches sgemm transposed, which those kernels take only for
+    rows * out <= 1024 (`blas.small_matrix_kernel_takes`); laid out (in, out) it goes up
+    to rows * out * in <= 100^3. For the small preset's 4-row blocks through w1 and w3
+    (out 512), the copy (~1 ms a layer) makes the product 3x faster.
+    """
+    from . import blas
+
+    return (mx.default_device() == mx.cpu and not blas.small_matrix_kernel_takes(rows, out_dims, in_dims, True)
+            and blas.small_matrix_kernel_takes(rows, out_dims, in_dims))
+
+
+@mx.custom_function
+def _expert_matmul_untransposed(x: mx.array, weight: mx.array, indices: mx.array) -> mx.array:
+    return mx.gather_mm(x, mx.contiguous(weight.swapaxes(-1, -2)), rhs_indices=indices, sorted_indices=True)
+
+
+@_expert_matmul_untransposed.vjp
+def _expert_matmul_untransposed_vjp(primals, cotangent, output):
+    # Autograd would multiply the cotangent by the copy transposed (a transposed operand
+    # again); the weight as stored is that product's untransposed (in, out) layout.
+    x, weight, indices = primals
+    dx = mx.gather_mm(cotangent, weight, rhs_indices=indices, sorted_indices=True)
+    _, (dweight,) = mx.vjp(lambda w: mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=True),
+                           [weight], [cotangent])
+    return dx, dweight, mx.zeros_like(indices)
 
 
 class ExpertLinear(nn.Module):
@@ -86,6 +118,7 @@ class Experts(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         E, h, i = args.num_local_experts, args.hidden_size, args.intermediate_size
+        self.max_block = default_max_block(h, i)  # rows per expert block in `grouped` (w1, w3 and w2 alike)
         self.w1 = ExpertLinear(E, h, i)  # gate projection
         self.w3 = ExpertLinear(E, h, i)  # up projection
         self.w2 = ExpertLinear(E, i, h)  # down projection
@@ -117,7 +150,7 @@ class Experts(nn.Module):
         """x: (T, h), indices/scores: (T, k) -> (T, h), through blocks of rows sharing an expert."""
         T, k = indices.shape
         h = x.shape[-1]
-        block = group_block_size(T * k, self.w1.num_experts)
+        block = group_block_size(T * k, self.w1.num_experts, self.max_block)
         groups = group_by_expert(indices, self.w1.num_experts, block)
         rows = groups.pair.shape[0]
         # Row r holds pair p = pair[r], token p // k; pad rows point one past the end: zeros.
@@ -226,33 +259,37 @@ class ExpertGroups(NamedTuple):
 
 
 MAX_GROUP_BLOCK = 32
-SMALL_KERNEL_BLOCK = 2  # the largest block where OpenBLAS has small-matrix kernels (blas.has_small_matrix_kernels)
 
 
-def default_max_block() -> int:
-    """The largest expert block for this BLAS: 2 rows on small-matrix kernels, else 32 (see `group_block_size`)."""
+def default_max_block(in_dims: int, out_dims: int) -> int:
+    """The largest expert block for this BLAS and an (in, out) expert projection: with
+    small-matrix kernels the most rows they take, a power of two, at least 2; else 32
+    (see `group_block_size`). The small preset's projections (256 x 512): 4 rows."""
     from . import blas
 
-    return SMALL_KERNEL_BLOCK if blas.has_small_matrix_kernels() else MAX_GROUP_BLOCK
+    block = MAX_GROUP_BLOCK
+    if blas.small_matrix_kernel_takes(2, out_dims, in_dims):
+        block = 2
+        while blas.small_matrix_kernel_takes(2 * block, out_dims, in_dims):
+            block *= 2
+    return block
 
 
-def group_block_size(pairs: int, num_experts: int, max_block: int | None = None) -> int:
+def group_block_size(pairs: int, num_experts: int, max_block: int = MAX_GROUP_BLOCK) -> int:
     """Rows per block: the largest power of two up to `max_block` whose pad rows stay within
     an eighth of the pairs (every block is computed, so the static bound E * (block - 1) is
     what the padding costs); 1 for a handful of pairs (decoding).
 
     Each block is one BLAS call. Where OpenBLAS has small-matrix kernels (AVX-512 cores:
-    SkylakeX, Cooperlake, Sapphire Rapids) a 2-row block is multiplied as it is, and
-    larger ones pay for packing the expert's weight on every call; elsewhere every call
-    packs it, so larger blocks pay. `max_block` defaults to 2 on the first and
-    `MAX_GROUP_BLOCK` (32) on the others. Measured on a 2-core AMD EPYC, OpenBLAS 0.3.21,
-    MoE block forward + backward at 2,048 tokens, 8 experts, top-2 (4,096 pairs): with
-    `Zen`-class kernels 2-row blocks took 606 ms, 16 rows 229 ms, 32 and 64 rows 200-290 ms,
-    dense 841 ms; with `Cooperlake` kernels, 1,024 tokens, 2 rows 85 ms against 114 for
-    16, and a small-preset training step 0.83 s against 0.86 (the two alternating).
+    SkylakeX, Cooperlake, Sapphire Rapids) a block of a few rows is multiplied as it is,
+    and larger ones pay for packing the expert's weight on every call; elsewhere every
+    call packs it, so larger blocks pay: `default_max_block` picks the cap. Measured on a
+    2-core AMD EPYC, OpenBLAS 0.3.21, MoE block forward + backward at 2,048 tokens, 8
+    experts, top-2 (4,096 pairs): with `Zen`-class kernels 2-row blocks took 606 ms, 16
+    rows 229 ms, 32 and 64 rows 200-290 ms, dense 841 ms. With `Cooperlake` kernels, one
+    thread, 1,024 tokens: 4-row blocks (w1 and w3 through an (in, out) copy, see
+    `expert_matmul`) 60 ms against 77 for 2 rows and 95-104 for 8 and 16.
     """
-    if max_block is None:
-        max_block = default_max_block()
     block = 1
     while block < max_block and num_experts * (2 * block - 1) <= pairs // 8:
         block *= 2

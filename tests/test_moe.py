@@ -10,8 +10,8 @@ import pytest
 
 from mixtral_mlx import Model, load_preset
 from mixtral_mlx.model import init_weights
-from mixtral_mlx.moe import (SparseMoeBlock, group_block_size, group_by_expert, load_balancing_loss, router_z_loss,
-                             scatter_gates)
+from mixtral_mlx.moe import (SparseMoeBlock, default_max_block, group_block_size, group_by_expert, load_balancing_loss,
+                             router_z_loss, scatter_gates)
 
 
 def block(top_k=2, experts=4, seed=0):
@@ -92,11 +92,57 @@ def test_block_size_follows_the_blas_kernels(monkeypatch):
     from mixtral_mlx import blas
 
     monkeypatch.setattr(blas, "core", lambda: "Cooperlake")
-    assert group_block_size(4096, 8) == 2  # small-matrix kernels: no packing for 2 rows
+    assert default_max_block(256, 512) == 4  # small-matrix kernels: 4 x 256 x 512 <= 100^3, 8 rows are past it
+    assert default_max_block(64, 128) == 64  # ... which take up to 122 rows here
+    assert default_max_block(1024, 3584) == 32  # too large for them at any block: packed, so larger blocks pay
+    assert group_block_size(4096, 8, default_max_block(256, 512)) == 4
     monkeypatch.setattr(blas, "core", lambda: "Haswell")
-    assert group_block_size(4096, 8) == 32
+    assert default_max_block(256, 512) == 32
     monkeypatch.setattr(blas, "core", lambda: None)  # no OpenBLAS
-    assert group_block_size(4096, 8) == 32
+    assert default_max_block(256, 512) == 32
+
+
+def test_small_matrix_kernels_take_fewer_rows_through_a_transposed_weight(monkeypatch):
+    from mixtral_mlx import blas
+
+    monkeypatch.setattr(blas, "core", lambda: "Cooperlake")
+    assert blas.small_matrix_kernel_takes(4, 512, 256) and not blas.small_matrix_kernel_takes(8, 512, 256)
+    assert blas.small_matrix_kernel_takes(2, 512, 256, transposed=True)
+    assert not blas.small_matrix_kernel_takes(4, 512, 256, transposed=True)
+    assert blas.small_matrix_kernel_takes(4, 256, 512, transposed=True)
+    monkeypatch.setattr(blas, "core", lambda: "Haswell")
+    assert not blas.small_matrix_kernel_takes(2, 8, 8)
+
+
+@pytest.mark.parametrize("rows, out_dims, in_dims", [(4, 48, 16), (1, 48, 16), (4, 16, 48)])
+def test_expert_matmul_through_a_weight_copy_equals_gather_mm(monkeypatch, rows, out_dims, in_dims):
+    """The (in, out) copy path: same products and gradients as gather_mm on the weight as stored."""
+    from mixtral_mlx import blas, moe as moe_module
+
+    monkeypatch.setattr(blas, "SMALL_MATRIX_MN_TRANSPOSED", 64)  # so these small shapes take the copy path
+    monkeypatch.setattr(blas, "core", lambda: "Cooperlake")
+    copies = moe_module._weight_copy_pays(rows, out_dims, in_dims)
+    assert copies == (rows * out_dims > 64)
+    E, blocks = 3, 7
+    x = mx.random.normal((blocks, rows, in_dims))
+    weight = mx.random.normal((E, out_dims, in_dims))
+    indices = mx.sort(mx.random.randint(0, E, (blocks,))).astype(mx.uint32)
+    cot = mx.random.normal((blocks, rows, out_dims))
+
+    def ours(x, w):
+        return moe_module.expert_matmul(x, w, indices, sorted_indices=True)
+
+    def reference(x, w):
+        return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=indices)
+
+    (y,), grads = mx.vjp(ours, [x, weight], [cot])
+    (y_ref,), grads_ref = mx.vjp(reference, [x, weight], [cot])
+    compiled = mx.compile(mx.grad(lambda x, w: (ours(x, w) * cot).sum(), argnums=(0, 1)))(x, weight)
+    # float32 sums of up to 48 products, in another order: 1e-5
+    np.testing.assert_allclose(np.array(y), np.array(y_ref), atol=1e-5)
+    for g, g_compiled, g_ref in zip(grads, compiled, grads_ref):
+        np.testing.assert_allclose(np.array(g), np.array(g_ref), atol=1e-5)
+        np.testing.assert_allclose(np.array(g_compiled), np.array(g_ref), atol=1e-5)
 
 
 def test_scores_equal_softmax_then_renormalise():

@@ -33,9 +33,12 @@ def run(args: argparse.Namespace) -> int:
     if mx.default_device() == mx.cpu:
         from ..moe import default_max_block
 
-        why = "the BLAS has small-matrix kernels" if blas.has_small_matrix_kernels() else \
+        small = load_preset("small")
+        block = default_max_block(small.hidden_size, small.intermediate_size)
+        why = "as many as the BLAS's small-matrix kernels take" if blas.has_small_matrix_kernels() else \
             "no small-matrix kernels in this BLAS"
-        print(f"moe       the grouped dispatch multiplies expert blocks of up to {default_max_block()} rows ({why})")
+        print(f"moe       the grouped dispatch multiplies expert blocks of up to {block} rows "
+              f"for the small preset ({why})")
     if args.model is None and args.preset is None:
         return 0
     if args.preset:
