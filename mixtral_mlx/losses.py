@@ -10,7 +10,7 @@ logits with their exponentials and gradient the largest activations. So:
   at a time and, since the loss is the last thing a step computes, each chunk's
   gradients with respect to the hidden states and the head's weight right away. The
   backward pass only scales them. Same FLOPs and one `exp` pass, but no more than a
-  chunk of logits (4 MiB) is ever alive.
+  chunk of logits and its exponentials (4 MiB each) is ever alive.
 
 Both equal `nn.losses.cross_entropy` on float32 logits to float rounding, gradients included.
 """
@@ -51,6 +51,7 @@ def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
 @mx.custom_function
 def _linear_cross_entropy(h: mx.array, weight: mx.array, targets: mx.array, mask: mx.array):
     chunk = max(128, CHUNK_ELEMENTS // weight.shape[0])
+    ones = mx.ones((weight.shape[0], 1), mx.float32)
     loss, dh, dweight = mx.array(0.0), [], None
     for start in range(0, h.shape[0], chunk):
         hc, tc, mc = h[start : start + chunk], targets[start : start + chunk, None], mask[start : start + chunk, None]
@@ -59,11 +60,13 @@ def _linear_cross_entropy(h: mx.array, weight: mx.array, targets: mx.array, mask
         logits = (hc @ weight.T).astype(mx.float32)
         top = logits.max(axis=-1, keepdims=True)
         e = mx.exp(logits - top)
-        total = e.sum(axis=-1, keepdims=True)
+        total = e @ ones  # the rows' sums, by the BLAS: ~4x faster than MLX's CPU sum
         loss = loss + ((top + mx.log(total) - mx.take_along_axis(logits, tc, axis=-1)) * mc).sum()
-        p = (e * (mc / total)).astype(h.dtype)  # mask * softmax: the gradient but for its one-hot part
-        dh.append(p @ weight)
-        dweight = p.T @ hc if dweight is None else mx.addmm(dweight, p.T, hc)
+        # mask * softmax, the gradient but for its one-hot part, is e scaled row by row: the
+        # scale goes on the (chunk, d) operands instead of a third (chunk, vocab) array.
+        scale, e = (mc / total).astype(h.dtype), e.astype(h.dtype)
+        dh.append((e @ weight) * scale)
+        dweight = e.T @ (hc * scale) if dweight is None else mx.addmm(dweight, e.T, hc * scale)
     # The one-hot part of mask * (softmax - one_hot(targets)), row by row.
     m = mask[:, None].astype(h.dtype)
     dh = mx.concatenate(dh) - m * weight[targets]
