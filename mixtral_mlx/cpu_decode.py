@@ -153,7 +153,13 @@ class NumpyDecodeStep:
         if tokens.shape != (1, 1) or not all(has_free_slot(c) for c in caches):
             # Several sequences, or a cache to create or grow: the MLX step (eager where it must).
             return decode_step(self.model)(tokens, caches)
-        x = self.embed[int(tokens.item())]
+        return mx.array(self.logits(int(tokens.item()), caches)[None])
+
+    def logits(self, token: int, caches: list) -> np.ndarray:
+        """The (vocab,) logits of the position after `token`, in NumPy, the caches updated."""
+        if not all(has_free_slot(c) for c in caches):  # a cache to create or grow: the MLX step
+            return np.array(decode_step(self.model)(mx.array([[token]]), caches)[0].astype(mx.float32))
+        x = self.embed[token]
         offset = caches[0].offset
         cos, sin = self._rope_angles(offset)
         for layer, cache in zip(self.layers, caches):
@@ -161,7 +167,7 @@ class NumpyDecodeStep:
             x = x + self._experts(layer, self._rms_norm(x, layer.norm2))
         for cache in caches:
             cache.offset += 1
-        return mx.array((self._rms_norm(x, self.final_norm) @ self.head)[None])
+        return self._rms_norm(x, self.final_norm) @ self.head
 
     # ------------------------------------------------------------------ the pieces
     def _rms_norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
+import numpy as np
 
 from .cache import make_cache
-from .cpu_decode import decoder_for, held_bytes
+from .cpu_decode import NumpyDecodeStep, decoder_for, held_bytes
 from .errors import UserError
 
 MODES = ("sample", "greedy", "one-token", "raw")
@@ -282,6 +283,9 @@ def generate_step(model, prompt: Sequence[int], config: GenerationConfig, cache:
         seen[mx.array(prompt)] = True
 
     decode = decoder_for(model)  # the model on one token: NumPy matrix-vector products on a CPU, else compiled MLX
+    if isinstance(decode, NumpyDecodeStep) and config.temperature == 0 and seen is None:
+        yield from _greedy_in_numpy(decode, prompt[-1], cache, limit)
+        return
 
     def step(token: mx.array) -> tuple[mx.array, mx.array]:
         nonlocal key, seen
@@ -309,6 +313,20 @@ def generate_step(model, prompt: Sequence[int], config: GenerationConfig, cache:
         if upcoming is None:
             return
         current, n = upcoming, n + 1
+
+
+def _greedy_in_numpy(decode: NumpyDecodeStep, token: int, cache: list, limit: int | None
+                     ) -> Iterator[tuple[int, mx.array]]:
+    """`generate_step` for greedy decoding on the NumPy step: the argmax and log-softmax in
+    NumPy too. On one row of logits MLX's operations cost more to dispatch and wait for than
+    they compute: small preset, 2-core CPU, 522 -> 589 tokens/s (medians of 20 alternating
+    rounds of 128 tokens; the same tokens)."""
+    n = 0
+    while limit is None or n < limit:
+        logits = decode.logits(token, cache)
+        token, n = int(logits.argmax()), n + 1  # the first of equal maxima, as mx.argmax
+        top = logits.max()
+        yield token, mx.array(logits - (top + np.log(np.exp(logits - top).sum())))
 
 
 class PromptCache:

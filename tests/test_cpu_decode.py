@@ -56,9 +56,11 @@ def test_steps_equal_the_eager_model(overrides, rolling):
     np.testing.assert_allclose(np.array(model(more, fast)), np.array(model(more, eager)), atol=ATOL)
 
 
-def test_generation_matches_the_compiled_mlx_step(monkeypatch):
-    model = model_with(sliding_window=8)
-    prompt = list(range(3, 13))
+@pytest.mark.parametrize("window,prompt_length", [(8, 10), (None, 250)])  # the second grows its caches at 256
+def test_generation_matches_the_compiled_mlx_step(monkeypatch, window, prompt_length):
+    """Greedy decoding on the NumPy step (argmax and log-softmax in NumPy too) against the MLX step."""
+    model = model_with(sliding_window=window)
+    prompt = [3 + i % 500 for i in range(prompt_length)]
     config = GenerationConfig(mode="greedy")
     fast = [(t, np.array(lp)) for t, lp in generate_step(model, prompt, config, limit=24)]
     monkeypatch.setenv("MIXTRAL_MLX_DECODE", "mlx")
