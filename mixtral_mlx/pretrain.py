@@ -367,4 +367,4 @@ def peak_flops() -> float:
         return float(os.environ["MIXTRAL_MLX_PEAK_TFLOPS"]) * 1e12
     from .info import matmul_gflops
 
-    return matmul_gflops(1024, 3) * 1e9 if mx.default_device() == mx.cpu else 0.0
+    return matmul_gflops(1024, 10) * 1e9 if mx.default_device() == mx.cpu else 0.0
