@@ -324,8 +324,9 @@ def group_block_size(pairs: int, num_experts: int, max_block: int = MAX_GROUP_BL
     2-core AMD EPYC, OpenBLAS 0.3.21, MoE block forward + backward at 2,048 tokens, 8
     experts, top-2 (4,096 pairs): with `Zen`-class kernels 2-row blocks took 606 ms, 16
     rows 229 ms, 32 and 64 rows 200-290 ms, dense 841 ms. With `Cooperlake` kernels, one
-    thread, 1,024 tokens: 4-row blocks (w1 and w3 through an (in, out) copy, see
-    `expert_matmul`) 60 ms against 77 for 2 rows and 95-104 for 8 and 16.
+    thread, 1,024 tokens (medians of 6): 4-row blocks, w1 and w3 through an (in, out) copy
+    (see `expert_matmul`), 79 ms; without the copy 110; 2 rows 87; 8, 16 and 32 rows 116,
+    98 and 88. A small-preset training step: 895 -> 826 ms against 2 rows (alternating).
     """
     block = 1
     while block < max_block and num_experts * (2 * block - 1) <= pairs // 8:
