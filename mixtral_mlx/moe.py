@@ -188,37 +188,31 @@ class Experts(nn.Module):
 # The grouped dispatch moves token rows to expert rows and back. Each is the other's
 # gradient: written as gathers both ways, neither backward pass needs a scatter-add
 # (MLX's CPU scatter is several times slower than a gather of the same rows).
-def _spread(x: mx.array, token: mx.array) -> mx.array:
+def _spread(x: mx.array, token: mx.array, row: mx.array) -> mx.array:
     return mx.concatenate([x, mx.zeros((1, x.shape[-1]), x.dtype)])[token]
 
 
-def _collect(y: mx.array, row: mx.array) -> mx.array:
+def _collect(y: mx.array, token: mx.array, row: mx.array) -> mx.array:
     return y[row].sum(axis=1)
 
 
-@mx.custom_function
-def spread_rows(x: mx.array, token: mx.array, row: mx.array) -> mx.array:
-    """x (T, h) -> (rows, h): row r is x[token[r]], or zeros where token[r] == T (a pad row).
-    row (T, k) are the rows of each token's k pairs (`ExpertGroups`)."""
-    return _spread(x, token)
+def _with_gradient(forward, backward):
+    """forward(a, token, row) as a custom function whose gradient is backward(cotangent, token, row)."""
+    function = mx.custom_function(forward)
+
+    @function.vjp
+    def _(primals, cotangent, output):
+        _, token, row = primals
+        return backward(cotangent, token, row), mx.zeros_like(token), mx.zeros_like(row)
+
+    return function
 
 
-@spread_rows.vjp
-def _spread_rows_vjp(primals, cotangent, output):
-    _, token, row = primals
-    return _collect(cotangent, row), mx.zeros_like(token), mx.zeros_like(row)
-
-
-@mx.custom_function
-def collect_rows(y: mx.array, token: mx.array, row: mx.array) -> mx.array:
-    """y (rows, h) -> (T, h): each token's k rows summed (the inverse direction of `spread_rows`)."""
-    return _collect(y, row)
-
-
-@collect_rows.vjp
-def _collect_rows_vjp(primals, cotangent, output):
-    _, token, row = primals
-    return _spread(cotangent, token), mx.zeros_like(token), mx.zeros_like(row)
+# x (T, h) -> (rows, h): row r is x[token[r]], zeros where token[r] == T (a pad row); row
+# (T, k) holds the rows of each token's k pairs (`ExpertGroups.row`).
+spread_rows = _with_gradient(_spread, _collect)
+# y (rows, h) -> (T, h): each token's k rows summed.
+collect_rows = _with_gradient(_collect, _spread)
 
 
 @mx.custom_function
