@@ -1,7 +1,8 @@
 """Can the small preset learn to look one fact up? A bare training loop on a drill.
 
     python scripts/lookup_drill.py synthetic [--steps 1000] [--short-steps 400] [--short-share 0.25] [--qk-std 0.1]
-    python scripts/lookup_drill.py stories --tokenizer RUN/tokenizer [--kind "how did"] [--steps 300] [--qk-std 0.1]
+    python scripts/lookup_drill.py stories --tokenizer RUN/tokenizer [--kind "how did"] [--verbatim] [--steps 300]
+                                   [--qk-std 0.1]
                                    [--first-steps 200 [--first-kind "how did"]] [--answer-loss]
                                    [--grow 150 [--order "how did,what was,..."]]
                                    [--init MODEL] [--save MODEL]
@@ -12,7 +13,8 @@ trains the first S steps on 0 to 1 filler sentences instead (5 to 15 tokens);
 `--short-share P` makes each document short with probability P throughout.
 `stories`: a reading drill (scripts/stories.py, `drill_passages`) for every question of
 each of pretrain_data's 3,000 training stories (held out: those of its val stories),
-optionally of one kind of question only, tokenized with `--tokenizer`; `--first-steps N`
+optionally of one kind of question only (`--verbatim`: only those whose passage writes the
+answer as the answer does), tokenized with `--tokenizer`; `--first-steps N`
 trains the first N steps on one kind only (`--first-kind`), a curriculum; `--grow S`
 another: one kind (`--order`, the kinds never read first) for S steps, then one more
 kind every S steps, half of each batch the newest kind and half the earlier ones, the
@@ -37,6 +39,7 @@ import mixtral_mlx  # noqa: F401  (OpenBLAS before mlx)
 
 import argparse
 import dataclasses
+import re
 import time
 
 import mlx.core as mx
@@ -68,17 +71,20 @@ def synthetic_vocab() -> dict[str, int]:
     return {w: i for i, w in enumerate(words)}
 
 
-def story_drills(tokenizer, split: str, count: int) -> list[tuple[str, list[int]]]:
+def story_drills(tokenizer, split: str, count: int, verbatim: bool = False) -> list[tuple[str, list[int]]]:
     """(kind of question, token ids: BOS, drill, EOS) of a reading drill for every question
-    of pretrain_data's first `count` stories of `split`."""
+    of pretrain_data's first `count` stories of `split`; with `verbatim`, only the drills
+    whose passage holds the answer as it is written ("6", not "six-year-old")."""
     from stories import drill_passages, drill_text, write_story
 
     drills = []
     for i in range(count):
         story = write_story(f"0:pretrain:{split}:{i}", quiz=1.0, asked=(4, 6))
-        for drill in drill_passages(story, f"0:drill:{split}:{i}", n=len(story.questions)):
-            ids = [tokenizer.bos_id] + tokenizer.encode(drill_text(*drill)) + [tokenizer.eos_id]
-            drills.append((question_kind(drill[1]), ids))
+        for passage, question, answer in drill_passages(story, f"0:drill:{split}:{i}", n=len(story.questions)):
+            if verbatim and re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", passage) is None:
+                continue
+            ids = [tokenizer.bos_id] + tokenizer.encode(drill_text(passage, question, answer)) + [tokenizer.eos_id]
+            drills.append((question_kind(question), ids))
     return drills
 
 
@@ -140,6 +146,8 @@ def main() -> None:
     p.add_argument("drill", choices=["synthetic", "stories"])
     p.add_argument("--tokenizer", help="a tokenizer directory (stories)")
     p.add_argument("--kind", help='only drills of this kind of question, e.g. "how did" (stories)')
+    p.add_argument("--verbatim", action="store_true",
+                   help="stories: only drills whose passage writes the answer as the answer does (no 'six' for 6)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--qk-std", type=float, default=None, help="std of the initial q_proj/k_proj (default 0.02)")
@@ -175,9 +183,9 @@ def main() -> None:
             p.error("stories needs --tokenizer")
         tokenizer = load_tokenizer(args.tokenizer)
         vocab_size = tokenizer.vocab_size
-        every_train = story_drills(tokenizer, "train", 3000)
+        every_train = story_drills(tokenizer, "train", 3000, args.verbatim)
         train, first = of_kind(every_train, args.kind), of_kind(every_train, args.first_kind)
-        held_out_drills = [(k, ids) for k, ids in story_drills(tokenizer, "val", 150)
+        held_out_drills = [(k, ids) for k, ids in story_drills(tokenizer, "val", 150, args.verbatim)
                            if args.kind is None or k == args.kind][:256]
         held_out = of_kind(held_out_drills, None)
         print(f"{len(train):,} training drills, {len(held_out)} held out")

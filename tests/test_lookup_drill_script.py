@@ -47,6 +47,21 @@ def test_story_drills_of_one_kind(sp_model):
         assert "How did" in text and text.split()[-1] in stories.FEELINGS
 
 
+def test_verbatim_drills_hold_their_answer_as_written(sp_model):
+    import re
+
+    from mixtral_mlx.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(sp_model.parent)
+    every = drill.story_drills(tokenizer, "val", 8)
+    verbatim = drill.story_drills(tokenizer, "val", 8, verbatim=True)
+    assert 0 < len(verbatim) < len(every)
+    for _, ids in verbatim:
+        passage, _, qa = tokenizer.decode(ids[1:-1]).rpartition("Questions about the story:")
+        answer = qa.split()[-1]
+        assert re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", passage)
+
+
 class Oracle:
     """Puts all its probability on the true next token of the rows it was made for."""
 
