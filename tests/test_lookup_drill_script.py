@@ -47,19 +47,21 @@ def test_story_drills_of_one_kind(sp_model):
         assert "How did" in text and text.split()[-1] in stories.FEELINGS
 
 
-def test_verbatim_drills_hold_their_answer_as_written(sp_model):
-    import re
+def test_verbatim_keeps_the_drills_whose_passage_writes_the_answer(sp_model, monkeypatch):
+    import stories
 
     from mixtral_mlx.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(sp_model.parent)
-    every = drill.story_drills(tokenizer, "val", 8)
-    verbatim = drill.story_drills(tokenizer, "val", 8, verbatim=True)
-    assert 0 < len(verbatim) < len(every)
-    for _, ids in verbatim:
-        passage, _, qa = tokenizer.decode(ids[1:-1]).rpartition("Questions about the story:")
-        answer = qa.split()[-1]
-        assert re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", passage)
+    # The stories write every answer as the answer does ("ten-year-old" / "ten"): nothing dropped.
+    assert drill.story_drills(tokenizer, "val", 8, verbatim=True) == drill.story_drills(tokenizer, "val", 8)
+    monkeypatch.setattr(stories, "drill_passages", lambda story, seed, n: [
+        ("Max was a ten-year-old boy.", "How old was Max?", "10"),
+        ("Max was 10 years old.", "How old was Max?", "10"),
+        ("Max had 110 cards.", "How many cards did Max have?", "10"),
+    ])
+    kept = drill.story_drills(tokenizer, "val", 2, verbatim=True)
+    assert [tokenizer.decode(ids[1:-1]).split(".")[0] for _, ids in kept] == ["Max was 10 years old"] * 2
 
 
 class Oracle:
