@@ -193,6 +193,14 @@ def test_filters_equal_transformers_warpers():
         np.testing.assert_array_equal(kept, np.isfinite(theirs(ids, torch.tensor(logits)).numpy()))
 
 
+def test_top_k_and_top_p_keep_the_tokens_tied_with_their_last():
+    # 0.4 + 0.2 reaches p = 0.55 with one of the three tokens at 0.2; all three stay.
+    logits = mx.log(mx.array([[0.4, 0.2, 0.2, 0.2]]))
+    assert np.isfinite(np.array(apply_top_p(logits, 0.55))).tolist() == [[True] * 4]
+    assert np.isfinite(np.array(apply_top_p(logits, 0.3))).tolist() == [[True, False, False, False]]
+    assert np.isfinite(np.array(apply_top_k(logits, 2))).tolist() == [[True] * 4]
+
+
 def test_repetition_penalty_formula():
     import torch
     from transformers.generation import RepetitionPenaltyLogitsProcessor
