@@ -19,6 +19,7 @@ stop string), its id and its log-probability under the model.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -279,32 +280,24 @@ def generate_step(model, prompt: Sequence[int], config: GenerationConfig, cache:
         raise ValueError("the cache must hold less than the whole prompt")
     prefill(model, prompt[done:-1], cache, config.prefill_chunk, progress)
 
-    sampler = make_sampler(config.temperature, config.top_p, config.top_k, config.min_p)
     key = mx.random.key(config.seed if config.seed is not None else int.from_bytes(os.urandom(4), "little"))
     penalty = config.repetition_penalty
-    seen = None
+    seen = mx.array(False)  # the tokens in the context, for a repetition penalty
     if penalty != 1.0:
         seen = mx.zeros((model.args.vocab_size,), dtype=mx.bool_)
         seen[mx.array(prompt)] = True
 
     decode = decoder_for(model)  # the model on one token: NumPy matrix-vector products on a CPU, else compiled MLX
-    if isinstance(decode, NumpyDecodeStep) and config.temperature == 0 and seen is None:
+    if isinstance(decode, NumpyDecodeStep) and config.temperature == 0 and penalty == 1.0:
         yield from _greedy_in_numpy(decode, prompt[-1], cache, limit)
         return
+    choose = _chooser(config.temperature, config.top_p, config.top_k, config.min_p, penalty)
 
     def step(token: mx.array) -> tuple[mx.array, mx.array]:
         nonlocal key, seen
         logits = decode(token.reshape(1, 1), cache).astype(mx.float32)
-        logprobs = log_softmax(logits)
-        if seen is not None:
-            logits = apply_repetition_penalty(logits, seen, penalty)
-        subkey = None
-        if config.temperature > 0:
-            key, subkey = mx.random.split(key)
-        token = sampler(logits, subkey)
-        if seen is not None:
-            seen = mx.where(mx.arange(seen.size) == token, True, seen)
-        return token, logprobs[0]
+        token, logprobs, key, seen = choose(logits, key, seen)
+        return token, logprobs
 
     current = step(mx.array(prompt[-1:]))
     mx.async_eval(*current)
@@ -318,6 +311,29 @@ def generate_step(model, prompt: Sequence[int], config: GenerationConfig, cache:
         if upcoming is None:
             return
         current, n = upcoming, n + 1
+
+
+@functools.lru_cache(maxsize=32)
+def _chooser(temp: float, top_p: float, top_k: int, min_p: float, penalty: float):
+    """(logits (1, V), key, seen) -> (token (1,), log-probs (V,), next key, seen with the
+    token): what follows the model in each step of `generate_step`, compiled as one
+    function, since on one row of logits dispatching its few operations one by one costs
+    more than computing them."""
+    sampler = make_sampler(temp, top_p, top_k, min_p)
+
+    def choose(logits: mx.array, key: mx.array, seen: mx.array):
+        logprobs = log_softmax(logits)
+        if penalty != 1.0:
+            logits = apply_repetition_penalty(logits, seen, penalty)
+        subkey = None
+        if temp > 0:
+            key, subkey = mx.random.split(key)
+        token = sampler(logits, subkey)
+        if penalty != 1.0:
+            seen = mx.where(mx.arange(seen.size) == token, True, seen)
+        return token, logprobs[0], key, seen
+
+    return mx.compile(choose)
 
 
 def _greedy_in_numpy(decode: NumpyDecodeStep, token: int, cache: list, limit: int | None
