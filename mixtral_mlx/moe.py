@@ -118,7 +118,8 @@ class Experts(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         E, h, i = args.num_local_experts, args.hidden_size, args.intermediate_size
-        self.max_block = default_max_block(h, i)  # rows per expert block in `grouped` (w1, w3 and w2 alike)
+        self.intermediate_size = i
+        self.max_block: int | None = None  # rows per expert block in `grouped`; None: `default_max_block`
         self.w1 = ExpertLinear(E, h, i)  # gate projection
         self.w3 = ExpertLinear(E, h, i)  # up projection
         self.w2 = ExpertLinear(E, i, h)  # down projection
@@ -150,7 +151,8 @@ class Experts(nn.Module):
         """x: (T, h), indices/scores: (T, k) -> (T, h), through blocks of rows sharing an expert."""
         T, k = indices.shape
         h = x.shape[-1]
-        block = group_block_size(T * k, self.w1.num_experts, self.max_block)
+        max_block = self.max_block or default_max_block(h, self.intermediate_size)  # read when a step is traced
+        block = group_block_size(T * k, self.w1.num_experts, max_block)
         groups = group_by_expert(indices, self.w1.num_experts, block)
         rows = groups.pair.shape[0]
         # Row r holds pair p = pair[r], token p // k; pad rows point one past the end: zeros.
@@ -292,14 +294,18 @@ class ExpertGroups(NamedTuple):
 MAX_GROUP_BLOCK = 32
 
 
-def default_max_block(in_dims: int, out_dims: int) -> int:
-    """The largest expert block for this BLAS and an (in, out) expert projection: with
-    small-matrix kernels the most rows they take, a power of two, at least 2; else 32
-    (see `group_block_size`). The small preset's projections (256 x 512): 4 rows."""
+def default_max_block(in_dims: int, out_dims: int, threads: int | None = None) -> int:
+    """The largest expert block for an (in, out) expert projection on this BLAS, with
+    `threads` per matmul (default: what OpenBLAS has now): on one thread, where OpenBLAS
+    has small-matrix kernels, the most rows they take (a power of two, at least 2; 4 for
+    the small preset's 256 x 512); else 32, since sgemm's packed path, unlike those
+    kernels, splits a block across threads (see `group_block_size`)."""
     from . import blas
 
+    if threads is None:
+        threads = blas.threads()
     block = MAX_GROUP_BLOCK
-    if blas.small_matrix_kernel_takes(2, out_dims, in_dims):
+    if threads == 1 and blas.small_matrix_kernel_takes(2, out_dims, in_dims):
         block = 2
         while blas.small_matrix_kernel_takes(2 * block, out_dims, in_dims):
             block *= 2
@@ -320,7 +326,9 @@ def group_block_size(pairs: int, num_experts: int, max_block: int = MAX_GROUP_BL
     rows 229 ms, 32 and 64 rows 200-290 ms, dense 841 ms. With `Cooperlake` kernels, one
     thread, 1,024 tokens (medians of 6): 4-row blocks, w1 and w3 through an (in, out) copy
     (see `expert_matmul`), 79 ms; without the copy 110; 2 rows 87; 8, 16 and 32 rows 116,
-    98 and 88. A small-preset training step: 895 -> 826 ms against 2 rows (alternating).
+    98 and 88. A small-preset training step (one thread a shard): 895 -> 826 ms against 2
+    rows (alternating). On two threads (`scripts/levers.py`, 2,048 tokens) 32-row blocks
+    take 113 ms, 4 rows 126, 2 rows 133.
     """
     block = 1
     while block < max_block and num_experts * (2 * block - 1) <= pairs // 8:

@@ -38,7 +38,7 @@ from mixtral_mlx.cpu_decode import NumpyDecodeStep
 from mixtral_mlx.decode import DecodeStep
 from mixtral_mlx.losses import cross_entropy, linear_cross_entropy
 from mixtral_mlx.model import Model, init_weights
-from mixtral_mlx.moe import SparseMoeBlock
+from mixtral_mlx.moe import SparseMoeBlock, default_max_block
 from mixtral_mlx.train import TrainConfig, Trainer
 
 
@@ -71,13 +71,17 @@ def grad_fn(module: nn.Module, loss):
 def moe_block(args, B: int, L: int, repeats: int) -> dict:
     block = SparseMoeBlock(args)
     x = mx.random.normal((B, L, args.hidden_size))
+    default_block = default_max_block(args.hidden_size, args.intermediate_size)  # for this BLAS and thread count
+    configs = [("dense", "dense", default_block), ("gather", "gather", default_block),
+               (f"grouped, {default_block}-row blocks (default)", "grouped", default_block)]
+    configs += [(f"grouped, {n}-row blocks", "grouped", n) for n in (2, 32) if n != default_block]
     variants = {}
-    for dispatch in ("dense", "gather", "grouped"):
-        def loss(x, dispatch=dispatch):
-            block.dispatch = dispatch
+    for name, dispatch, max_block in configs:
+        def loss(x, dispatch=dispatch, max_block=max_block):
+            block.dispatch, block.experts.max_block = dispatch, max_block  # read while the step is traced
             return (block(x)[0] ** 2).sum()
         step = grad_fn(block, loss)
-        variants[dispatch] = lambda step=step: step(x)
+        variants[name] = lambda step=step: step(x)
     return measure(variants, repeats)
 
 
@@ -187,7 +191,7 @@ def main() -> None:
         print(f"\n{title}")
         for name, r in results.items():
             extra = f"{r['tokens_per_s']:>9.1f} tok/s" if "tokens_per_s" in r else ""
-            print(f"  {name:<28}{r['wall_s'] * 1e3:>9.1f} ms wall{r['cpu_s'] * 1e3:>9.1f} ms CPU"
+            print(f"  {name:<34}{r['wall_s'] * 1e3:>9.1f} ms wall{r['cpu_s'] * 1e3:>9.1f} ms CPU"
                   f"{r['peak_memory'] / 2**20:>9.1f} MiB{extra}")
     if a.json:
         Path(a.json).write_text(json.dumps({"preset": a.preset, "batch_size": B, "seq_len": L, "blas": blas.status,

@@ -92,10 +92,12 @@ def test_block_size_follows_the_blas_kernels(monkeypatch):
     from mixtral_mlx import blas
 
     monkeypatch.setattr(blas, "core", lambda: "Cooperlake")
+    monkeypatch.setattr(blas, "threads", lambda: 1)  # a training step's CPU streams: one thread a matmul
     assert default_max_block(256, 512) == 4  # small-matrix kernels: 4 x 256 x 512 <= 100^3, 8 rows are past it
     assert default_max_block(64, 128) == 64  # ... which take up to 122 rows here
     assert default_max_block(1024, 3584) == 32  # too large for them at any block: packed, so larger blocks pay
     assert group_block_size(4096, 8, default_max_block(256, 512)) == 4
+    assert default_max_block(256, 512, threads=2) == 32  # the packed path splits a block across threads
     monkeypatch.setattr(blas, "core", lambda: "Haswell")
     assert default_max_block(256, 512) == 32
     monkeypatch.setattr(blas, "core", lambda: None)  # no OpenBLAS

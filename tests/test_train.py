@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -255,9 +256,13 @@ def test_grad_checkpoint_lowers_the_peak_of_a_step():
     With MLX's evaluation order widened (cpu_streams.py) that holds only because the step
     evaluates its gradients layer by layer (train.backward_stages): all at once, the
     recomputation ran early and the peak did not move."""
+    # Four layers, not the tiny preset's two: checkpointed, a step holds one layer's
+    # activations (and each layer's input) instead of every layer's, so the ratio falls
+    # with depth (two layers: 0.73-0.85, as the head's and the weights' share moved; four: ~0.53).
+    args = dataclasses.replace(load_preset("tiny"), num_hidden_layers=4)
     peaks = []
     for checkpointing in (False, True):
-        trainer = Trainer(init_weights(Model(load_preset("tiny")), seed=0),
+        trainer = Trainer(init_weights(Model(args), seed=0),
                           TrainConfig(warmup=0, lr=1e-3, grad_checkpoint=checkpointing))
         batch = next(CountingBatches(batch_size=16, seq_len=128))
         trainer.train_step([batch])  # compile
@@ -269,4 +274,4 @@ def test_grad_checkpoint_lowers_the_peak_of_a_step():
         trainer.train_step([batch])
         peaks.append(mx.get_peak_memory() - held)
     plain, checkpointed = peaks
-    assert checkpointed < 0.8 * plain, (plain / 2**20, checkpointed / 2**20)
+    assert checkpointed < 0.7 * plain, (plain / 2**20, checkpointed / 2**20)

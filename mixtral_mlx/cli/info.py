@@ -34,11 +34,11 @@ def run(args: argparse.Namespace) -> int:
         from ..moe import default_max_block
 
         small = load_preset("small")
-        block = default_max_block(small.hidden_size, small.intermediate_size)
-        why = "as many as the BLAS's small-matrix kernels take" if blas.has_small_matrix_kernels() else \
-            "no small-matrix kernels in this BLAS"
-        print(f"moe       the grouped dispatch multiplies expert blocks of up to {block} rows "
-              f"for the small preset ({why})")
+        one, more = (default_max_block(small.hidden_size, small.intermediate_size, threads) for threads in (1, 2))
+        blocks = (f"{one} rows on one BLAS thread (a training step's CPU streams; as many as OpenBLAS's "
+                  f"small-matrix kernels take), {more} on more" if one != more else
+                  f"{more} rows (no small-matrix kernels in this BLAS)")
+        print(f"moe       the grouped dispatch multiplies the small preset's experts in blocks of up to {blocks}")
     if args.model is None and args.preset is None:
         return 0
     if args.preset:
