@@ -28,12 +28,13 @@ ALL_ASKED = (99, 99)
 # After each training story, this many reading drills: a passage of one to four of its
 # sentences and one question about it (stories.reading_drills).
 DRILLS = 0
-# --also-alone KIND: each training story a second time, followed by its one question of
-# that kind alone ("how did": its feeling), so that kind keeps a document of its own.
+# --also-alone KIND (repeatable): each training story once more for each KIND, followed by
+# its one question of that kind alone ("how did": its feeling), so that kind keeps a
+# document of its own.
 
 
 def make(out: Path, seed: int = 0, counts: dict[str, int] = DEFAULT_COUNTS,
-         asked: tuple[int, int] = ASKED, drills: int = DRILLS, also_alone: str | None = None) -> dict[str, int]:
+         asked: tuple[int, int] = ASKED, drills: int = DRILLS, also_alone: tuple[str, ...] = ()) -> dict[str, int]:
     out.mkdir(parents=True, exist_ok=True)
     sizes = {}
     for split, n in counts.items():
@@ -43,8 +44,8 @@ def make(out: Path, seed: int = 0, counts: dict[str, int] = DEFAULT_COUNTS,
             lines.append(json.dumps({"text": story.text}))
             if split == "train":  # val and test hold whole stories only, comparable across versions
                 lines += [json.dumps({"text": d}) for d in reading_drills(story, f"{seed}:drill:{i}", drills)]
-                if also_alone:
-                    lines.append(json.dumps({"text": asked_alone(story, also_alone, f"{seed}:pretrain:{split}:{i}")}))
+                lines += [json.dumps({"text": asked_alone(story, kind, f"{seed}:pretrain:{split}:{i}")})
+                          for kind in also_alone]
         data = "".join(line + "\n" for line in lines).encode()
         (out / f"{split}.jsonl").write_bytes(data)
         sizes[split] = len(data)
@@ -73,17 +74,18 @@ def main() -> None:
                    help="end each story with every question it answers instead of 4 to 6 of them")
     p.add_argument("--drills", type=int, default=DRILLS,
                    help=f"reading drills after each training story (default {DRILLS})")
-    p.add_argument("--also-alone", metavar="KIND",
-                   help='each training story once more, followed by its KIND question alone (e.g. "how did")')
+    p.add_argument("--also-alone", metavar="KIND", action="append", default=[],
+                   help='each training story once more, followed by its KIND question alone (e.g. "how did"); '
+                        "repeatable, a copy per kind")
     args = p.parse_args()
     sizes = make(args.out, args.seed, {s: getattr(args, s) for s in DEFAULT_COUNTS},
-                 ALL_ASKED if args.all_questions else ASKED, args.drills, args.also_alone)
+                 ALL_ASKED if args.all_questions else ASKED, args.drills, tuple(args.also_alone))
     for split, size in sizes.items():
         extra = ""
         if split == "train" and args.drills:
             extra += f" and {getattr(args, split) * args.drills:,} drills"
-        if split == "train" and args.also_alone:
-            extra += f" and each once more asking {args.also_alone!r} alone"
+        for kind in args.also_alone if split == "train" else ():
+            extra += f" and each once more asking {kind!r} alone"
         print(f"{args.out / split}.jsonl: {getattr(args, split):,} stories{extra}, {size / 1e6:.2f} MB")
 
 

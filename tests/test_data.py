@@ -653,19 +653,21 @@ def test_finetune_train_drills_follow_the_examples_in_train_only(tmp_path):
 
 
 def test_pretrain_also_alone_adds_each_training_story_asking_one_kind(tmp_path):
-    """--also-alone "how did": after each training story (with its quiz), the same story
-    without it, then its feeling question alone; val and test are unchanged."""
+    """--also-alone "how did" --also-alone "what was": after each training story (with its
+    quiz), the same story without it, then its question of each kind alone, a copy per
+    kind; val and test are unchanged."""
     script, stories = _load_script("make_pretrain_data"), _stories()
-    script.make(tmp_path / "alone", counts={"train": 10, "val": 5}, also_alone="how did")
+    script.make(tmp_path / "alone", counts={"train": 10, "val": 5}, also_alone=("how did", "what was"))
     script.make(tmp_path / "none", counts={"train": 10, "val": 5})
     train = [e.text for e in read_split(tmp_path / "alone", "train")]
-    assert train[::2] == [e.text for e in read_split(tmp_path / "none", "train")]
+    assert train[::3] == [e.text for e in read_split(tmp_path / "none", "train")]
     assert [e.text for e in read_split(tmp_path / "alone", "val")] == [e.text for e in read_split(tmp_path / "none", "val")]
-    for i, doc in enumerate(train[1::2]):
-        story = stories.write_story(f"0:pretrain:train:{i}")
-        passage, line = doc.split(stories.QUIZ_HEADER)
-        assert passage == story.text
-        question, answer = line.rsplit(" ", 1)
-        assert question.startswith("How did") and (question, answer) in story.questions
+    for copies, start in (("How did", 1), ("What was", 2)):
+        for i, doc in enumerate(train[start::3]):
+            story = stories.write_story(f"0:pretrain:train:{i}")
+            passage, line = doc.split(stories.QUIZ_HEADER)
+            assert passage == story.text
+            question, answer = line.rsplit(" ", 1)
+            assert question.startswith(copies) and (question, answer) in story.questions
     with pytest.raises(SystemExit, match="asks no"):
-        script.make(tmp_path / "bad", counts={"train": 1}, also_alone="why not")
+        script.make(tmp_path / "bad", counts={"train": 1}, also_alone=("why not",))
