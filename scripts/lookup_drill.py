@@ -39,7 +39,6 @@ import mixtral_mlx  # noqa: F401  (OpenBLAS before mlx)
 
 import argparse
 import dataclasses
-import re
 import time
 
 import mlx.core as mx
@@ -49,7 +48,7 @@ import numpy as np
 
 from mixtral_mlx.checkpoint import load_model, save
 from mixtral_mlx.config import load_preset
-from mixtral_mlx.finetune import question_kind
+from mixtral_mlx.finetune import has_word, question_kind
 from mixtral_mlx.model import Model, init_weights
 from mixtral_mlx.tokenizer import load_tokenizer
 
@@ -81,7 +80,7 @@ def story_drills(tokenizer, split: str, count: int, verbatim: bool = False) -> l
     for i in range(count):
         story = write_story(f"0:pretrain:{split}:{i}", quiz=1.0, asked=(4, 6))
         for passage, question, answer in drill_passages(story, f"0:drill:{split}:{i}", n=len(story.questions)):
-            if verbatim and re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", passage) is None:
+            if verbatim and not has_word(passage, answer):
                 continue
             ids = [tokenizer.bos_id] + tokenizer.encode(drill_text(passage, question, answer)) + [tokenizer.eos_id]
             drills.append((question_kind(question), ids))
