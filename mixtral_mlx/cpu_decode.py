@@ -150,8 +150,7 @@ class NumpyDecodeStep:
         return len(now) == len(self._sources) and all(ref() is p for ref, p in zip(self._sources, now))
 
     def __call__(self, tokens: mx.array, caches: list) -> mx.array:
-        if tokens.shape != (1, 1) or not all(has_free_slot(c) for c in caches):
-            # Several sequences, or a cache to create or grow: the MLX step (eager where it must).
+        if tokens.shape != (1, 1):  # several sequences: the MLX step
             return decode_step(self.model)(tokens, caches)
         return mx.array(self.logits(int(tokens.item()), caches)[None])
 

@@ -346,7 +346,7 @@ def _greedy_in_numpy(decode: NumpyDecodeStep, token: int, cache: list, limit: in
     while limit is None or n < limit:
         logits = decode.logits(token, cache)
         token, n = int(logits.argmax()), n + 1  # the first of equal maxima, as mx.argmax
-        top = logits.max()
+        top = logits[token]
         yield token, mx.array(logits - (top + np.log(np.exp(logits - top).sum())))
 
 
