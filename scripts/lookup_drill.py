@@ -1,7 +1,8 @@
 """Can the small preset learn to look one fact up? A bare training loop on a drill.
 
     python scripts/lookup_drill.py synthetic [--steps 1000] [--short-steps 400] [--short-share 0.25] [--qk-std 0.1]
-    python scripts/lookup_drill.py stories --tokenizer RUN/tokenizer [--kind "how did"] [--verbatim] [--steps 300]
+    python scripts/lookup_drill.py stories --tokenizer RUN/tokenizer [--kind "how did"] [--verbatim] [--context 2]
+                                   [--steps 300]
                                    [--qk-std 0.1]
                                    [--first-steps 200 [--first-kind "how did"]] [--answer-loss]
                                    [--grow 150 [--order "how did,what was,..."]]
@@ -13,7 +14,8 @@ trains the first S steps on 0 to 1 filler sentences instead (5 to 15 tokens);
 `--short-share P` makes each document short with probability P throughout.
 `stories`: a reading drill (scripts/stories.py, `drill_passages`) for every question of
 each of pretrain_data's 3,000 training stories (held out: those of its val stories),
-optionally of one kind of question only (`--verbatim`: only those whose passage writes the
+its passage the sentences that state the answer and up to `--context` of their
+neighbours (0: those sentences alone), optionally of one kind of question only (`--verbatim`: only those whose passage writes the
 answer as the answer does), tokenized with `--tokenizer`; `--first-steps N`
 trains the first N steps on one kind only (`--first-kind`), a curriculum; `--grow S`
 another: one kind (`--order`, the kinds never read first) for S steps, then one more
@@ -70,16 +72,18 @@ def synthetic_vocab() -> dict[str, int]:
     return {w: i for i, w in enumerate(words)}
 
 
-def story_drills(tokenizer, split: str, count: int, verbatim: bool = False) -> list[tuple[str, list[int]]]:
+def story_drills(tokenizer, split: str, count: int, verbatim: bool = False,
+                 context: int = 2) -> list[tuple[str, list[int]]]:
     """(kind of question, token ids: BOS, drill, EOS) of a reading drill for every question
-    of pretrain_data's first `count` stories of `split`; with `verbatim`, only the drills
-    whose passage holds the answer as it is written ("6", not "six-year-old")."""
+    of pretrain_data's first `count` stories of `split`, its passage the sentences that
+    state the answer and up to `context` of their neighbours; with `verbatim`, only the
+    drills whose passage holds the answer as it is written ("6", not "six-year-old")."""
     from stories import drill_passages, drill_text, write_story
 
     drills = []
     for i in range(count):
         story = write_story(f"0:pretrain:{split}:{i}", quiz=1.0, asked=(4, 6))
-        for passage, question, answer in drill_passages(story, f"0:drill:{split}:{i}", n=len(story.questions)):
+        for passage, question, answer in drill_passages(story, f"0:drill:{split}:{i}", len(story.questions), context):
             if verbatim and not has_word(passage, answer):
                 continue
             ids = [tokenizer.bos_id] + tokenizer.encode(drill_text(passage, question, answer)) + [tokenizer.eos_id]
@@ -147,6 +151,8 @@ def main() -> None:
     p.add_argument("--kind", help='only drills of this kind of question, e.g. "how did" (stories)')
     p.add_argument("--verbatim", action="store_true",
                    help="stories: only drills whose passage writes the answer as the answer does (no 'six' for 6)")
+    p.add_argument("--context", type=int, default=2,
+                   help="stories: up to this many sentences around the ones that state the answer")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--qk-std", type=float, default=None, help="std of the initial q_proj/k_proj (default 0.02)")
@@ -182,9 +188,9 @@ def main() -> None:
             p.error("stories needs --tokenizer")
         tokenizer = load_tokenizer(args.tokenizer)
         vocab_size = tokenizer.vocab_size
-        every_train = story_drills(tokenizer, "train", 3000, args.verbatim)
+        every_train = story_drills(tokenizer, "train", 3000, args.verbatim, args.context)
         train, first = of_kind(every_train, args.kind), of_kind(every_train, args.first_kind)
-        held_out_drills = [(k, ids) for k, ids in story_drills(tokenizer, "val", 150, args.verbatim)
+        held_out_drills = [(k, ids) for k, ids in story_drills(tokenizer, "val", 150, args.verbatim, args.context)
                            if args.kind is None or k == args.kind][:256]
         held_out = of_kind(held_out_drills, None)
         print(f"{len(train):,} training drills, {len(held_out)} held out")

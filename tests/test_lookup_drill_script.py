@@ -55,13 +55,31 @@ def test_verbatim_keeps_the_drills_whose_passage_writes_the_answer(sp_model, mon
     tokenizer = load_tokenizer(sp_model.parent)
     # The stories write every answer as the answer does ("ten-year-old" / "ten"): nothing dropped.
     assert drill.story_drills(tokenizer, "val", 8, verbatim=True) == drill.story_drills(tokenizer, "val", 8)
-    monkeypatch.setattr(stories, "drill_passages", lambda story, seed, n: [
+    monkeypatch.setattr(stories, "drill_passages", lambda story, seed, n, context: [
         ("Max was a ten-year-old boy.", "How old was Max?", "10"),
         ("Max was 10 years old.", "How old was Max?", "10"),
         ("Max had 110 cards.", "How many cards did Max have?", "10"),
     ])
     kept = drill.story_drills(tokenizer, "val", 2, verbatim=True)
     assert [tokenizer.decode(ids[1:-1]).split(".")[0] for _, ids in kept] == ["Max was 10 years old"] * 2
+
+
+def test_context_zero_drills_are_the_sentences_that_state_the_answer(sp_model):
+    import stories
+
+    from mixtral_mlx.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(sp_model.parent)
+    bare = drill.story_drills(tokenizer, "val", 3, context=0)
+    story = stories.write_story("0:pretrain:val:0", quiz=1.0, asked=(4, 6))
+    stated = {" ".join(story.sentences[i] for i in evidence) for evidence in story.evidence}
+    first_story = bare[:len(story.questions)]
+    for _, ids in first_story:  # the passage, then straight to the questions
+        text = tokenizer.decode(ids[1:-1])
+        passage = next(p for p in stated if text.startswith(p))
+        assert text[len(passage):].lstrip().startswith("Questions about the story")
+    wider = drill.story_drills(tokenizer, "val", 3)
+    assert len(wider) == len(bare) and sum(map(len, (i for _, i in wider))) > sum(map(len, (i for _, i in bare)))
 
 
 class Oracle:
