@@ -15,8 +15,9 @@ trains the first S steps on 0 to 1 filler sentences instead (5 to 15 tokens);
 `stories`: a reading drill (scripts/stories.py, `drill_passages`) for every question of
 each of pretrain_data's 3,000 training stories (held out: those of its val stories),
 its passage the sentences that state the answer and up to `--context` of their
-neighbours (0: those sentences alone), optionally of one kind of question only (`--verbatim`: only those whose passage writes the
-answer as the answer does), tokenized with `--tokenizer`; `--first-steps N`
+neighbours (0: those sentences alone), optionally of one kind of question only
+(`--verbatim`: only those whose passage writes the answer as the answer does),
+tokenized with `--tokenizer`; `--first-steps N`
 trains the first N steps on one kind only (`--first-kind`), a curriculum; `--grow S`
 another: one kind (`--order`, the kinds never read first) for S steps, then one more
 kind every S steps, half of each batch the newest kind and half the earlier ones, the
